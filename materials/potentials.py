@@ -1,0 +1,179 @@
+"""One factory from a potential spec to an ASE calculator.
+
+``chgnet`` (default; pretrained MPtrj weights ship in the chgnet wheel, fully offline), ``mace`` (a foundation
+model name that mace-torch downloads and caches, or a local ``.model`` file), and ``emt`` (ASE's effective
+medium theory, for fast tests of the machinery; not for semiconductors). mace is imported lazily: importing it
+sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the whole process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from ase.calculators.calculator import Calculator
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as config_dataclass
+
+#: Elements ASE's EMT has parameters for.
+EMT_ELEMENTS = frozenset({"Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O"})
+#: MACE foundation names mace-torch's ``mace_mp`` accepts (downloaded on first use into ~/.cache/mace).
+MACE_FOUNDATION_NAMES = (
+    "small",
+    "medium",
+    "large",
+    "medium-mpa-0",
+    "medium-omat-0",
+    "small-0b",
+    "medium-0b",
+    "small-0b2",
+    "medium-0b2",
+    "large-0b2",
+    "medium-0b3",
+    "mh-0",
+    "mh-1",
+)
+
+
+class PotentialError(RuntimeError):
+    """A potential cannot be loaded; the message says what to change."""
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class PotentialSpec:
+    """Which interatomic potential to use.
+
+    Attributes:
+        name: ``chgnet`` | ``mace`` | ``emt``.
+        model: for ``mace``: a foundation name (e.g. ``medium-mpa-0``) or a path to a ``.model`` file;
+            for ``chgnet``: a CHGNet version (``0.3.0`` default) or a path to a checkpoint; unused for ``emt``.
+        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        dtype: float precision for MACE (``float64`` for relaxations, ``float32`` is faster on GPU).
+    """
+
+    name: Literal["chgnet", "mace", "emt"] = "chgnet"
+    model: str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float64"
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``chgnet-0.3.0`` or ``mace-tiny_mace.model``."""
+        if self.name == "emt":
+            return "emt"
+        if self.model is None:
+            return "chgnet-0.3.0" if self.name == "chgnet" else "mace"
+        return f"{self.name}-{Path(self.model).name}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chgnet_weights_path(spec: PotentialSpec) -> Path:
+    if spec.model and Path(spec.model).is_file():
+        return Path(spec.model)
+    import chgnet
+
+    version = spec.model or "0.3.0"
+    folder = Path(chgnet.__file__).parent / "pretrained" / version
+    files = sorted(folder.glob("*.pth.tar"))
+    if not files:
+        raise PotentialError(
+            f"potential.model={spec.model!r}: no CHGNet weights for that version or path; "
+            "use 0.3.0, 0.2.0 or a path to a CHGNet checkpoint"
+        )
+    return files[0]
+
+
+def weights_hash(spec: PotentialSpec) -> str:
+    """First 16 hex digits of the SHA-256 of the weights file (``"builtin"`` for EMT, the name for
+    a MACE foundation model that is not on disk)."""
+    if spec.name == "emt":
+        return "builtin"
+    if spec.name == "chgnet":
+        return _file_sha256(_chgnet_weights_path(spec))[:16]
+    path = Path(spec.model) if spec.model else None
+    if path is not None and path.is_file():
+        return _file_sha256(path)[:16]
+    return f"foundation:{spec.model or 'medium-mpa-0'}"
+
+
+def load_potential(spec: PotentialSpec | str | None = None) -> Calculator:
+    """Return an ASE calculator for ``spec`` (a :class:`PotentialSpec`, a name, or None for CHGNet).
+
+    Raises:
+        PotentialError: unknown name, missing model file, or MACE foundation weights that cannot be
+            downloaded (offline) — the message says how to pass a local ``.model`` file instead.
+    """
+    if spec is None:
+        spec = PotentialSpec()
+    elif isinstance(spec, str):
+        spec = PotentialSpec(name=spec)  # type: ignore[arg-type]
+    if spec.name == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if spec.name == "chgnet":
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        if spec.model and Path(spec.model).is_file():
+            model = CHGNet.from_file(spec.model)
+        else:
+            _chgnet_weights_path(spec)  # clear error for an unknown version
+            model = CHGNet.load(model_name=spec.model or "0.3.0", verbose=False)
+        return CHGNetCalculator(model=model, use_device=spec.device, on_isolated_atoms="ignore")
+    if spec.name == "mace":
+        return _load_mace(spec)
+    raise PotentialError(f"potential.name={spec.name!r} is not known; use chgnet, mace or emt")
+
+
+def _load_mace(spec: PotentialSpec) -> Calculator:
+    model = spec.model or "medium-mpa-0"
+    looks_like_path = model.endswith(".model") or "/" in model or Path(model).exists()
+    if looks_like_path:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise PotentialError(
+                f"potential.model={model!r}: MACE model file not found; give the path to a .model file "
+                f"or a foundation name ({', '.join(MACE_FOUNDATION_NAMES[:5])}, ...)"
+            )
+        from mace.calculators import MACECalculator
+
+        return MACECalculator(model_paths=str(path), device=spec.device, default_dtype=spec.dtype)
+    if model not in MACE_FOUNDATION_NAMES:
+        raise PotentialError(
+            f"potential.model={model!r} is neither a MACE foundation name ({', '.join(MACE_FOUNDATION_NAMES)}) "
+            "nor an existing .model file"
+        )
+    from mace.calculators import mace_mp
+
+    try:
+        return mace_mp(model=model, device=spec.device, default_dtype=spec.dtype)
+    except Exception as exc:  # mace-torch raises a bare Exception("Model download failed ...") offline
+        raise PotentialError(
+            f"MACE foundation model {model!r} is not cached and could not be downloaded "
+            f"({type(exc).__name__}: {exc}). On a machine with network, run once: "
+            f"python -c \"from mace.calculators import mace_mp; mace_mp(model='{model}')\" to cache it in "
+            "~/.cache/mace, or download the .model file and set potential.model: /path/to/file.model"
+        ) from exc
+
+
+def supported_elements(spec: PotentialSpec, calculator: Calculator | None = None) -> frozenset[str]:
+    """Chemical symbols the potential has been trained on (EMT: its parameter set; CHGNet: Z 1-94;
+    MACE: the model's atomic-number table)."""
+    from ase.data import chemical_symbols
+
+    if spec.name == "emt":
+        return EMT_ELEMENTS
+    if spec.name == "chgnet":
+        return frozenset(chemical_symbols[1:95])
+    if calculator is None:
+        calculator = load_potential(spec)
+    numbers = [int(z) for z in calculator.models[0].atomic_numbers]
+    return frozenset(chemical_symbols[z] for z in numbers)

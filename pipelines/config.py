@@ -1,0 +1,125 @@
+"""Campaign configuration: YAML -> validated pydantic models. A wrong key or value names itself.
+
+Science parameters are the dataclasses of ``materials`` (their fields are the YAML keys); site settings
+(Ray address, tracking URI, output folder) live in their own sections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from materials.potentials import PotentialSpec
+from materials.relax import RelaxSettings
+from materials.structures import CheckSettings
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unparseable or invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CandidateSettings(_Strict):
+    """Prototype name -> allowed elements per site role, e.g. ``zincblende: [[Ga, In], [As, P]]``."""
+
+    prototypes: dict[str, list[list[str]]] = Field(default_factory=dict)
+    max_candidates: int | None = Field(default=None, ge=1)
+    dedup: bool = True
+
+    @field_validator("prototypes")
+    @classmethod
+    def _known_prototypes(cls, value: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
+        from materials.candidates import prototype_names
+
+        known = prototype_names()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown prototype {name!r}; known: {', '.join(known)}")
+        return value
+
+
+class StabilitySettings(_Strict):
+    """``scheme``: ``fitted`` (per-element references fitted for the potential) or ``mp2020``."""
+
+    scheme: Literal["fitted", "mp2020"] = "fitted"
+    stable_threshold: float = Field(default=0.05, ge=0.0, description="E_hull (eV/atom) counted as stable")
+
+
+class RaySettings(_Strict):
+    address: str | None = None
+    num_cpus: int | None = Field(default=2, ge=1)
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    chunk_size: int = Field(default=4, ge=1)
+    max_in_flight_per_worker: int = Field(default=2, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+    object_store_memory: int | None = 300_000_000
+
+
+class TrackingSettings(_Strict):
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "semidisc-screen"
+
+
+class ScreenConfig(_Strict):
+    name: str = "screen"
+    seed: int = 0
+    candidates: CandidateSettings = Field(default_factory=CandidateSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+    potential: PotentialSpec = Field(default_factory=PotentialSpec)
+    relax: RelaxSettings = Field(default_factory=RelaxSettings)
+    stability: StabilitySettings = Field(default_factory=StabilitySettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    output_dir: str = "runs/screen"
+
+    def flat_params(self) -> dict[str, Any]:
+        """Dotted-key parameters for MLflow (``relax.fmax`` ...)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and not prefix.endswith("prototypes"):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ScreenConfig:
+    try:
+        return ScreenConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ScreenConfig:
+    """Read and validate a YAML config. Raises :class:`ConfigError` naming the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (see configs/quickstart.yaml for an example)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (name, candidates, relax, ...)")
+    return parse_config(data, str(path))

@@ -1,0 +1,173 @@
+"""Ray execution: actors that hold a loaded potential and relax chunks of structures, with bounded in-flight
+work. Local ``ray.init`` by default; ``ray.address`` (or RAY_ADDRESS, as set by ``ray job submit``) for a
+cluster."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from materials.potentials import PotentialSpec
+from materials.relax import RelaxSettings
+from materials.structures import CheckSettings
+from pipelines.config import RaySettings
+
+
+@dataclass
+class WorkItem:
+    """One structure to relax: ``structure`` is a pymatgen Structure dict (cheap to ship)."""
+
+    id: str
+    formula: str
+    prototype: str
+    source: str
+    structure: dict[str, Any]
+
+
+def init_ray(settings: RaySettings) -> bool:
+    """Start or join Ray. Returns True if this call started it (the caller then shuts it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=settings.num_cpus,
+            include_dashboard=False,
+            object_store_memory=settings.object_store_memory,
+            _node_ip_address="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=False,
+        )
+    return True
+
+
+class RelaxWorker:
+    """Holds one loaded potential (loaded once) and relaxes chunks of work items."""
+
+    def __init__(self, spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings):
+        import torch
+
+        from materials.potentials import load_potential, supported_elements
+
+        torch.set_num_threads(1)
+        self.spec = spec
+        self.relax = relax
+        self.checks = checks
+        self.calculator = load_potential(spec)
+        self.supported = supported_elements(spec, self.calculator)
+        self.label = spec.label()
+
+    def relax_chunk(self, items: Sequence[WorkItem]) -> list[dict[str, Any]]:
+        """Check then relax each item; every item yields a record (status ok or failed with a reason)."""
+        from pymatgen.core import Structure
+
+        from materials.relax import relax_structure
+        from materials.structures import StructureCheckError, check_structure
+
+        out = []
+        for item in items:
+            base = {
+                "id": item.id,
+                "formula": item.formula,
+                "prototype": item.prototype,
+                "source": item.source,
+                "potential": self.label,
+            }
+            try:
+                structure = Structure.from_dict(item.structure)
+                check_structure(structure, self.checks, self.supported, name=item.id)
+            except (StructureCheckError, ValueError, KeyError) as exc:
+                out.append(
+                    {
+                        **base,
+                        "status": "failed",
+                        "failure_reason": f"rejected: {exc}",
+                        "n_atoms": len(item.structure.get("sites", [])),
+                    }
+                )
+                continue
+            result = relax_structure(structure, self.calculator, self.relax, item_id=item.id)
+            record = {**base, **{k: v for k, v in result.as_dict().items() if k != "structure"}}
+            record["relax_steps"] = result.steps
+            record["structure"] = result.structure.as_dict() if result.structure is not None else None
+            out.append(record)
+        return out
+
+    def calibrate(self) -> dict[str, Any]:
+        """Fitted elemental references for this worker's potential (see materials.stability)."""
+        from materials.stability import ReferenceTable, calibrate_references
+
+        refs = calibrate_references(self.calculator, self.label, ReferenceTable.load(), supported=self.supported)
+        return refs.as_dict()
+
+
+def make_workers(spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings, settings: RaySettings) -> list:
+    remote_cls = ray.remote(
+        num_cpus=settings.cpus_per_worker,
+        num_gpus=settings.gpus_per_worker,
+        max_restarts=settings.max_retries,
+        max_task_retries=settings.max_retries,
+    )(RelaxWorker)
+    return [remote_cls.remote(spec, relax, checks) for _ in range(settings.num_workers)]
+
+
+def chunked(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def run_chunks(
+    workers: list,
+    chunks: Sequence[Sequence[WorkItem]],
+    max_in_flight_per_worker: int,
+    on_result: Callable[[list[dict[str, Any]]], None],
+) -> Iterator[int]:
+    """Dispatch chunks round-robin with at most ``max_in_flight_per_worker`` per actor; call ``on_result``
+    with each chunk's records as it finishes (yields the number of items finished, for progress bars).
+
+    A chunk whose worker died beyond its retries becomes failed records naming the error: the batch goes on.
+    """
+    pending = list(enumerate(chunks))[::-1]
+    in_flight: dict[Any, tuple[int, Sequence[WorkItem]]] = {}
+    load = {i: 0 for i in range(len(workers))}
+    owner: dict[Any, int] = {}
+    limit = max_in_flight_per_worker
+    while pending or in_flight:
+        while pending:
+            free = [i for i in load if load[i] < limit]
+            if not free:
+                break
+            worker = min(free, key=lambda i: load[i])
+            index, chunk = pending.pop()
+            ref = workers[worker].relax_chunk.remote(chunk)
+            in_flight[ref] = (index, chunk)
+            owner[ref] = worker
+            load[worker] += 1
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        ref = done[0]
+        _, chunk = in_flight.pop(ref)
+        load[owner.pop(ref)] -= 1
+        try:
+            records = ray.get(ref)
+        except (ray.exceptions.RayError, ray.exceptions.RayActorError) as exc:
+            reason = f"worker failed after retries: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            records = [
+                {
+                    "id": it.id,
+                    "formula": it.formula,
+                    "prototype": it.prototype,
+                    "source": it.source,
+                    "status": "failed",
+                    "failure_reason": reason,
+                }
+                for it in chunk
+            ]
+        on_result(records)
+        yield len(chunk)

@@ -1,0 +1,289 @@
+"""The screen: candidates (or user files) -> checks -> MLIP relaxation on Ray -> stability -> store + MLflow.
+
+Results are written to ``<out>/results.sqlite`` as each chunk finishes; ``resume=True`` skips finished items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from materials.candidates import Candidate, enumerate_candidates
+from materials.potentials import weights_hash
+from materials.stability import (
+    EnergyReferences,
+    HullItem,
+    ReferenceTable,
+    energies_above_hull,
+    formation_energy_per_atom,
+    mp2020_references,
+    shipped_references,
+)
+from materials.structures import load_structure_dir
+from pipelines.config import ScreenConfig
+from pipelines.execution import WorkItem, chunked, init_ray, make_workers, run_chunks
+from pipelines.store import ResultStore
+from pipelines.tracking import Tracker, git_commit
+
+
+class ResumeError(RuntimeError):
+    """The output folder holds another screen, or a finished one without ``--resume``."""
+
+
+@dataclass
+class ScreenSummary:
+    out_dir: Path
+    n_items: int
+    n_ok: int
+    n_failed: int
+    n_stable: int
+    n_new_this_run: int
+    seconds: float
+    references: dict[str, Any]
+    mlflow_run_id: str | None
+    top: list[dict[str, Any]] = field(default_factory=list)
+
+
+def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int | None) -> str:
+    """Hash of what determines the results (science settings and inputs, not Ray/tracking/output)."""
+    science = config.model_dump(mode="json", exclude={"ray", "tracking", "output_dir", "name"})
+    payload = json.dumps({"science": science, "structures": structures, "limit": limit}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_work_items(
+    config: ScreenConfig, structures: str | None, limit: int | None
+) -> tuple[list[WorkItem], list[dict]]:
+    """Work items plus records for inputs that failed before any simulation (unreadable files)."""
+    failed: list[dict] = []
+    if structures:
+        loaded = load_structure_dir(structures)
+        items = []
+        for entry in loaded:
+            if entry.structure is None:
+                failed.append(
+                    {
+                        "id": entry.id,
+                        "formula": None,
+                        "prototype": "user",
+                        "source": entry.source,
+                        "status": "failed",
+                        "failure_reason": f"rejected: {entry.error}",
+                    }
+                )
+            else:
+                items.append(
+                    WorkItem(
+                        entry.id,
+                        entry.structure.composition.reduced_formula,
+                        "user",
+                        entry.source,
+                        entry.structure.as_dict(),
+                    )
+                )
+    else:
+        if not config.candidates.prototypes:
+            raise ValueError(
+                "candidates.prototypes is empty: list prototypes and elements in the config, or pass --structures DIR"
+            )
+        cands: list[Candidate] = enumerate_candidates(
+            config.candidates.prototypes,
+            max_candidates=config.candidates.max_candidates,
+            dedup=config.candidates.dedup,
+        )
+        items = [WorkItem(c.id, c.formula, c.prototype, c.source, c.structure.as_dict()) for c in cands]
+    if limit is not None:
+        items = items[:limit]
+    return items, failed
+
+
+def resolve_references(config: ScreenConfig, out_dir: Path, workers: list) -> EnergyReferences:
+    """The energy scheme for this potential: mp2020, shipped fitted values, a cached fit, or a new fit."""
+    label = config.potential.label()
+    if config.stability.scheme == "mp2020":
+        return mp2020_references(label)
+    shipped = shipped_references(weights_hash(config.potential))
+    if shipped is not None:
+        return shipped
+    cache = out_dir / "reference_energies.json"
+    if cache.is_file():
+        return EnergyReferences.from_dict(json.loads(cache.read_text()))
+    import ray
+
+    refs = EnergyReferences.from_dict(ray.get(workers[0].calibrate.remote()))
+    cache.write_text(json.dumps(refs.as_dict(), indent=1))
+    return refs
+
+
+def compute_stability(store: ResultStore, refs: EnergyReferences, table: ReferenceTable) -> None:
+    """Formation energies and E_hull for every ok record (hull = table + all screened candidates)."""
+    from pymatgen.core import Composition
+
+    items, eform = [], {}
+    for rec in store.records():
+        if rec["status"] != "ok" or rec["energy_per_atom"] is None:
+            continue
+        comp = Composition(rec["formula"])
+        try:
+            value = formation_energy_per_atom(comp, rec["energy_per_atom"] * comp.num_atoms, refs)
+        except KeyError:  # no reference energy for an element: E_form and E_hull stay empty for this row
+            value = math.nan
+        eform[rec["id"]] = value
+        items.append(HullItem(rec["id"], comp, value))
+    ehull = energies_above_hull(items, table)
+    store.update_stability({k: (eform[k], ehull[k]) for k in eform})
+
+
+def _write_structure_files(records: list[dict], folder: Path) -> None:
+    from pymatgen.core import Structure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        if rec.get("structure"):
+            Structure.from_dict(rec["structure"]).to(filename=str(folder / f"{rec['id']}.cif"))
+
+
+def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | None:
+    values = [r["e_above_hull"] for r in records if r.get("e_above_hull") is not None]
+    if not values:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="#4477aa")
+    ax.axvline(threshold, color="k", ls="--", label=f"stable ≤ {threshold} eV/atom")
+    ax.set_xlabel("E above hull (eV/atom)")
+    ax.set_ylabel("candidates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_screen(
+    config: ScreenConfig,
+    structures: str | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> ScreenSummary:
+    """Run (or resume) a screen and return its summary; results in ``<out>/results.csv``."""
+    start = time.perf_counter()
+    out = Path(out_dir or config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_fingerprint(config, structures, limit)
+    store = ResultStore(out / "results.sqlite")
+    previous = store.get_meta("fingerprint")
+    if previous is not None and previous != fingerprint:
+        store.close()
+        raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
+    if previous is not None and not resume and len(store):
+        store.close()
+        raise ResumeError(
+            f"{out} already holds {len(store)} results of this screen; pass --resume to "
+            "continue it, or choose another --out"
+        )
+    store.set_meta("fingerprint", fingerprint)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    items, prefailed = build_work_items(config, structures, limit)
+    done = store.done_ids()
+    store.write(r for r in prefailed if r["id"] not in done)
+    todo = [it for it in items if it.id not in done]
+
+    tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
+    store.set_meta("mlflow_run_id", tracker.run_id)
+    status = "FAILED"
+    started_ray = init_ray(config.ray)
+    try:
+        tracker.log_params(config.flat_params() | {"structures": structures, "limit": limit})
+        workers = make_workers(config.potential, config.relax, config.checks, config.ray)
+        refs = resolve_references(config, out, workers)
+        (out / "reference_energies.json").write_text(json.dumps(refs.as_dict(), indent=1))
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(),
+                "potential": config.potential.label(),
+                "potential_weights_hash": weights_hash(config.potential),
+                "energy_scheme": refs.scheme,
+                "energy_scheme_loo_rmse": refs.calibration.get("loo_rmse", "n/a"),
+            }
+        )
+        structures_dir = out / "structures"
+
+        def on_result(records: list[dict]) -> None:
+            store.write(records)
+            _write_structure_files(records, structures_dir)
+
+        chunks = chunked(todo, config.ray.chunk_size)
+        bar = tqdm(total=len(todo), desc="relax", unit="struct", disable=not progress)
+        for n in run_chunks(workers, chunks, config.ray.max_in_flight_per_worker, on_result):
+            bar.update(n)
+        bar.close()
+        table = ReferenceTable.load()
+        compute_stability(store, refs, table)
+        csv_path = store.export_csv(out / "results.csv")
+        records = list(store.records())
+        ok = [r for r in records if r["status"] == "ok"]
+        stable = [
+            r for r in ok if r["e_above_hull"] is not None and r["e_above_hull"] <= config.stability.stable_threshold
+        ]
+        seconds = time.perf_counter() - start
+        stable_dir = out / "stable_structures"
+        stable_dir.mkdir(exist_ok=True)
+        for r in stable:
+            src = structures_dir / f"{r['id']}.cif"
+            if src.is_file():
+                (stable_dir / src.name).write_text(src.read_text())
+        tracker.log_metrics(
+            {
+                "n_candidates": len(records),
+                "n_ok": len(ok),
+                "n_failed": len(records) - len(ok),
+                "n_stable": len(stable),
+                "n_relaxed_this_run": len(todo),
+                "seconds": seconds,
+                "throughput_structures_per_s": len(todo) / seconds if seconds > 0 else 0.0,
+            }
+        )
+        tracker.log_artifact(csv_path)
+        tracker.log_artifact(out / "config.yaml")
+        tracker.log_artifact(out / "reference_energies.json")
+        plot = _ehull_plot(ok, config.stability.stable_threshold, out / "e_above_hull.png")
+        if plot is not None:
+            tracker.log_artifact(plot)
+        tracker.log_artifacts(stable_dir, "stable_structures")
+        top = sorted((r for r in ok if r["e_above_hull"] is not None), key=lambda r: (r["e_above_hull"], r["id"]))[:10]
+        status = "FINISHED"
+        return ScreenSummary(
+            out,
+            len(records),
+            len(ok),
+            len(records) - len(ok),
+            len(stable),
+            len(todo),
+            seconds,
+            refs.as_dict(),
+            tracker.run_id,
+            top,
+        )
+    finally:
+        tracker.end(status)
+        store.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,131 @@
+"""The result store: one SQLite file per screen, written as each result arrives, so a rerun resumes.
+
+SQLite in WAL mode with a commit per chunk: a killed run loses at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: Columns of results.csv, in order (energies eV/atom, volumes Å^3/atom, forces eV/Å, stress GPa, time s).
+RESULT_COLUMNS = (
+    "id",
+    "formula",
+    "prototype",
+    "source",
+    "status",
+    "failure_reason",
+    "n_atoms",
+    "energy_per_atom",
+    "e_form_per_atom",
+    "e_above_hull",
+    "volume_per_atom",
+    "initial_volume_per_atom",
+    "max_force",
+    "relax_steps",
+    "converged",
+    "potential",
+    "seconds",
+)
+_EXTRA_COLUMNS = ("stress", "structure")
+
+
+class ResultStore:
+    """Results keyed by item id. ``structure`` holds the relaxed structure as pymatgen JSON."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        columns = ", ".join(f'"{c}"' for c in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS)
+        self._db.execute(f'CREATE TABLE IF NOT EXISTS results ("id" TEXT PRIMARY KEY, {columns})')
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta -------------------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._db.commit()
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # -- results ----------------------------------------------------------------------------------------
+    def write(self, records: Iterable[dict[str, Any]]) -> int:
+        """Insert or replace records (dicts with RESULT_COLUMNS keys, plus ``stress`` list and ``structure``
+        dict); commits before returning. Returns the number written."""
+        names = RESULT_COLUMNS + _EXTRA_COLUMNS
+        rows = []
+        for rec in records:
+            row = []
+            for name in names:
+                value = rec.get(name)
+                if name in _EXTRA_COLUMNS and value is not None:
+                    value = json.dumps(value)
+                elif isinstance(value, float) and not math.isfinite(value):
+                    value = None
+                elif isinstance(value, bool):
+                    value = int(value)
+                row.append(value)
+            rows.append(row)
+        placeholders = ", ".join("?" for _ in names)
+        self._db.executemany(f"INSERT OR REPLACE INTO results VALUES ({placeholders})", rows)
+        self._db.commit()
+        return len(rows)
+
+    def update_stability(self, values: dict[str, tuple[float, float]]) -> None:
+        """Set (e_form_per_atom, e_above_hull) per id, eV/atom."""
+        rows = [
+            (None if not math.isfinite(ef) else ef, None if not math.isfinite(eh) else eh, item_id)
+            for item_id, (ef, eh) in values.items()
+        ]
+        self._db.executemany('UPDATE results SET e_form_per_atom = ?, e_above_hull = ? WHERE "id" = ?', rows)
+        self._db.commit()
+
+    def done_ids(self) -> set[str]:
+        return {row[0] for row in self._db.execute('SELECT "id" FROM results')}
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def records(self, with_structures: bool = False) -> Iterator[dict[str, Any]]:
+        """All records in id order; ``stress`` decoded; ``structure`` decoded only if asked (it is large)."""
+        names = RESULT_COLUMNS + _EXTRA_COLUMNS
+        cursor = self._db.execute(
+            f'SELECT {", ".join(chr(34) + n + chr(34) for n in names)} FROM results ORDER BY "id"'
+        )
+        for row in cursor:
+            rec = dict(zip(names, row, strict=True))
+            rec["converged"] = bool(rec["converged"]) if rec["converged"] is not None else None
+            rec["stress"] = json.loads(rec["stress"]) if rec["stress"] else None
+            structure = rec.pop("structure")
+            if with_structures:
+                rec["structure"] = json.loads(structure) if structure else None
+            yield rec
+
+    def export_csv(self, path: str | Path) -> Path:
+        """Write results.csv (RESULT_COLUMNS; empty cell for a missing number)."""
+        path = Path(path)
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            for rec in self.records():
+                writer.writerow({k: ("" if rec.get(k) is None else rec[k]) for k in RESULT_COLUMNS})
+        return path

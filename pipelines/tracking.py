@@ -1,0 +1,85 @@
+"""MLflow tracking: one run per screen (params = the config, metrics, artifacts, tags). Telemetry off.
+
+Default store: ``sqlite:///mlruns/mlflow.db`` (the file store is deprecated in MLflow 3 and raises).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import TrackingSettings
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, or ``unknown`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _ensure_sqlite_parent(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+
+
+class Tracker:
+    """A thin wrapper over one MLflow run; all methods are no-ops when tracking is disabled.
+
+    ``run_id`` resumes an existing run (a resumed screen keeps logging into the run it started).
+    """
+
+    def __init__(self, settings: TrackingSettings, run_name: str, run_id: str | None = None):
+        self.enabled = settings.enabled
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        _ensure_sqlite_parent(settings.uri)
+        mlflow.set_tracking_uri(settings.uri)
+        if settings.uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(settings.experiment) is None:
+            # artifacts beside the database, not in the current working directory
+            root = Path(settings.uri[len("sqlite:///") :]).resolve().parent / "artifacts"
+            mlflow.create_experiment(settings.experiment, artifact_location=root.as_uri())
+        mlflow.set_experiment(settings.experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            clean = {k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()}
+            existing = self._mlflow.get_run(self.run_id).data.params
+            self._mlflow.log_params({k: v for k, v in clean.items() if k not in existing})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(folder).is_dir() and any(Path(folder).iterdir()):
+            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
