@@ -190,11 +190,11 @@ def run_screen(
     if previous is not None and previous != fingerprint:
         store.close()
         raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
-    if previous is not None and not resume and len(store):
+    n_stored = len(store)
+    if previous is not None and not resume and n_stored:
         store.close()
         raise ResumeError(
-            f"{out} already holds {len(store)} results of this screen; pass --resume to "
-            "continue it, or choose another --out"
+            f"{out} already holds {n_stored} results of this screen; pass --resume to continue it, or choose another --out"
         )
     store.set_meta("fingerprint", fingerprint)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

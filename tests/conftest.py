@@ -1,0 +1,51 @@
+"""Shared fixtures: one thread everywhere (2-core machines), real CHGNet, the committed tiny MACE model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+DATA = Path(__file__).parent / "data"
+TINY_MACE = DATA / "tiny_mace.model"
+
+
+@pytest.fixture(scope="session")
+def chgnet_calc():
+    from materials.potentials import load_potential
+
+    return load_potential("chgnet")
+
+
+@pytest.fixture(scope="session")
+def reference_table():
+    from materials.stability import ReferenceTable
+
+    return ReferenceTable.load()
+
+
+@pytest.fixture(scope="session")
+def chgnet_refs():
+    from materials.potentials import PotentialSpec, weights_hash
+    from materials.stability import shipped_references
+
+    refs = shipped_references(weights_hash(PotentialSpec(name="chgnet")))
+    assert refs is not None, "fitted CHGNet references must ship in materials/data"
+    return refs
+
+
+@pytest.fixture
+def tiny_mace_path() -> Path:
+    assert TINY_MACE.is_file(), "tests/data/tiny_mace.model missing: run scripts/train_tiny_mace.py"
+    return TINY_MACE

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "mace-mp.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(ROOT / "configs" / name)
+    assert config.candidates.prototypes
+    assert config.ray.num_workers == 2
+
+
+def test_wrong_key_is_named():
+    with pytest.raises(ConfigError, match=r"relax\.fmx: Unexpected keyword"):
+        parse_config({"relax": {"fmx": 0.1}})
+
+
+def test_wrong_value_is_named():
+    with pytest.raises(ConfigError, match=r"potential\.name"):
+        parse_config({"potential": {"name": "vasp"}})
+    with pytest.raises(ConfigError, match=r"ray\.num_workers"):
+        parse_config({"ray": {"num_workers": 0}})
+
+
+def test_unknown_prototype_is_named():
+    with pytest.raises(ConfigError, match="unknown prototype 'zincblend'"):
+        parse_config({"candidates": {"prototypes": {"zincblend": [["Ga"], ["As"]]}}})
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")

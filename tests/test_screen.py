@@ -1,0 +1,152 @@
+"""End to end: a real local Ray, real CHGNet, a real MLflow store in a temp dir."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.build import bulk
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from pipelines.config import parse_config
+from pipelines.screen import ResumeError, run_screen
+from pipelines.store import RESULT_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "name": "test-screen",
+    "candidates": {"prototypes": {"zincblende": [["Ga", "In", "Zn"], ["P", "As", "Se"]], "rocksalt": [["Ga"], ["As"]]}},
+    "relax": {"fmax": 0.05, "max_steps": 200},
+    "ray": {"num_cpus": 2, "num_workers": 2, "chunk_size": 2},
+}
+
+
+def small_config(tmp_path: Path, **changes):
+    data = yaml.safe_load(yaml.safe_dump(SMALL))
+    data["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "experiment": "test"}
+    for key, value in changes.items():
+        data[key] = value
+    return parse_config(data)
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    return {row["id"]: row for row in csv.DictReader(path.open())}
+
+
+def test_screen_end_to_end_with_mlflow(tmp_path):
+    import mlflow
+
+    config = small_config(tmp_path)
+    summary = run_screen(config, out_dir=tmp_path / "out", progress=False)
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert tuple(next(iter(rows.values()))) == RESULT_COLUMNS
+    # ZnP, GaSe... are not charge balanced: only the 4 III-V + ZnSe zincblendes + rocksalt GaAs
+    assert set(rows) == {
+        "zincblende-GaP",
+        "zincblende-GaAs",
+        "zincblende-InP",
+        "zincblende-InAs",
+        "zincblende-ZnSe",
+        "rocksalt-GaAs",
+    }
+    assert all(r["status"] == "ok" for r in rows.values())
+    for key in ("zincblende-GaAs", "zincblende-InP", "zincblende-ZnSe"):
+        assert float(rows[key]["e_above_hull"]) <= 0.03, key
+    assert float(rows["rocksalt-GaAs"]["e_above_hull"]) > 0.15
+    assert summary.n_stable >= 5 and summary.top[0]["e_above_hull"] <= 0.01
+    assert (tmp_path / "out" / "structures" / "zincblende-GaAs.cif").is_file()
+
+    mlflow.set_tracking_uri(config.tracking.uri)
+    run = mlflow.get_run(summary.mlflow_run_id)
+    assert run.data.params["relax.fmax"] == "0.05"
+    assert run.data.metrics["n_ok"] == 6 and run.data.metrics["n_stable"] == summary.n_stable
+    assert run.data.tags["potential"] == "chgnet-0.3.0" and run.data.tags["energy_scheme"] == "fitted"
+    assert len(run.data.tags["potential_weights_hash"]) == 16
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.mlflow_run_id)}
+    assert {"results.csv", "config.yaml", "e_above_hull.png", "stable_structures"} <= artifacts
+
+    # a second run in the same folder must not silently redo or mix results
+    with pytest.raises(ResumeError, match="--resume"):
+        run_screen(config, out_dir=tmp_path / "out", progress=False)
+    with pytest.raises(ResumeError, match="different settings"):
+        run_screen(small_config(tmp_path, relax={"fmax": 0.1}), out_dir=tmp_path / "out", progress=False)
+
+
+def test_bad_inputs_are_recorded_and_the_batch_completes(tmp_path):
+    folder = tmp_path / "structures"
+    folder.mkdir()
+    AseAtomsAdaptor.get_structure(bulk("GaAs", "zincblende", a=5.6)).to(filename=str(folder / "gaas.cif"))
+    AseAtomsAdaptor.get_structure(bulk("Si", "diamond", a=5.4)).to(filename=str(folder / "POSCAR"))
+    (folder / "garbage.cif").write_text("this is not a cif\n")
+    Structure(Lattice.cubic(4.0), ["Ga", "As"], [[0, 0, 0], [0.02, 0, 0]]).to(filename=str(folder / "overlap.cif"))
+    Structure(Lattice.cubic(30.0), ["Ga", "As"], [[0, 0, 0], [0.1, 0, 0]]).to(filename=str(folder / "vacuum.cif"))
+    Structure(Lattice.cubic(3.5), ["Am"], [[0, 0, 0]]).to(filename=str(folder / "americium.cif"))
+    config = small_config(tmp_path, tracking={"enabled": False})
+    summary = run_screen(config, structures=str(folder), out_dir=tmp_path / "out", progress=False)
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert rows["gaas"]["status"] == "ok" and rows["POSCAR"]["status"] == "ok"
+    assert "unreadable structure file" in rows["garbage"]["failure_reason"]
+    assert "min_distance" in rows["overlap"]["failure_reason"]
+    assert "volume per atom" in rows["vacuum"]["failure_reason"]
+    assert "Am not supported" in rows["americium"]["failure_reason"]
+    assert summary.n_ok == 2 and summary.n_failed == 4
+    assert rows["gaas"]["source"].endswith("gaas.cif") and rows["gaas"]["prototype"] == "user"
+
+
+def _stored(out: Path) -> int:
+    db = out / "results.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        return sqlite3.connect(db).execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_interrupted_screen_resumes_to_identical_results(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(SMALL))
+    data["candidates"]["prototypes"]["wurtzite"] = [["Ga", "In", "Al"], ["N", "P"]]
+    data["ray"] = {"num_cpus": 1, "num_workers": 1, "chunk_size": 1, "max_in_flight_per_worker": 1}
+    data["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "resume"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "pipelines.cli", "screen", str(cfg), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = read_csv(tmp_path / "full" / "results.csv")
+    assert len(expected) == 12
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while _stored(out) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the screen finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=120)
+    done_before = _stored(out)
+    assert 3 <= done_before < 12
+    assert not (out / "results.csv").exists()
+
+    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run([*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"({12 - done_before} relaxed this run" in resumed.stdout
+    got = read_csv(out / "results.csv")
+    assert set(got) == set(expected)
+    for key, row in expected.items():
+        for col in ("status", "energy_per_atom", "e_form_per_atom", "e_above_hull", "relax_steps", "volume_per_atom"):
+            assert got[key][col] == row[col], (key, col)
