@@ -137,7 +137,8 @@ def check_structure(
         raise StructureCheckError(f"{name}: the cell is empty or degenerate (volume {volume:.3g} Å^3)")
     if len(structure) > settings.max_atoms:
         raise StructureCheckError(
-            f"{name}: {len(structure)} atoms > checks.max_atoms={settings.max_atoms}; raise the limit or use a primitive cell"
+            f"{name}: {len(structure)} atoms > checks.max_atoms={settings.max_atoms}; "
+            "raise the limit or use a primitive cell"
         )
     vpa = volume / len(structure)
     if not settings.min_volume_per_atom <= vpa <= settings.max_volume_per_atom:

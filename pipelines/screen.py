@@ -194,7 +194,8 @@ def run_screen(
     if previous is not None and not resume and n_stored:
         store.close()
         raise ResumeError(
-            f"{out} already holds {n_stored} results of this screen; pass --resume to continue it, or choose another --out"
+            f"{out} already holds {n_stored} results of this screen; "
+            "pass --resume to continue it, or choose another --out"
         )
     store.set_meta("fingerprint", fingerprint)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
