@@ -57,7 +57,7 @@ class RaySettings(_Strict):
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
-    chunk_size: int = Field(default=4, ge=1)
+    chunk_size: int = Field(default=2, ge=1)
     max_in_flight_per_worker: int = Field(default=2, ge=1)
     max_retries: int = Field(default=2, ge=0)
     object_store_memory: int | None = 300_000_000

@@ -94,7 +94,11 @@ class RelaxWorker:
                     }
                 )
                 continue
-            result = relax_structure(structure, self.calculator, self.relax, item_id=item.id)
+            try:
+                result = relax_structure(structure, self.calculator, self.relax, item_id=item.id)
+            except Exception as exc:  # an unexpected error fails this item only, with its reason
+                out.append({**base, "status": "failed", "failure_reason": f"error: {type(exc).__name__}: {exc}"})
+                continue
             record = {**base, **{k: v for k, v in result.as_dict().items() if k != "structure"}}
             record["relax_steps"] = result.steps
             record["structure"] = result.structure.as_dict() if result.structure is not None else None
@@ -156,8 +160,9 @@ def run_chunks(
         load[owner.pop(ref)] -= 1
         try:
             records = ray.get(ref)
-        except (ray.exceptions.RayError, ray.exceptions.RayActorError) as exc:
-            reason = f"worker failed after retries: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        except ray.exceptions.RayError as exc:
+            what = "worker died (retries exhausted)" if isinstance(exc, ray.exceptions.RayActorError) else "task error"
+            reason = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             records = [
                 {
                     "id": it.id,

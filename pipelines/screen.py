@@ -155,12 +155,10 @@ def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | Non
     values = [r["e_above_hull"] for r in records if r.get("e_above_hull") is not None]
     if not values:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="#4477aa")
     ax.axvline(threshold, color="k", ls="--", label=f"stable ≤ {threshold} eV/atom")
     ax.set_xlabel("E above hull (eV/atom)")
@@ -168,7 +166,6 @@ def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | Non
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -205,11 +202,13 @@ def run_screen(
     store.write(r for r in prefailed if r["id"] not in done)
     todo = [it for it in items if it.id not in done]
 
-    tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
-    store.set_meta("mlflow_run_id", tracker.run_id)
+    tracker: Tracker | None = None
     status = "FAILED"
-    started_ray = init_ray(config.ray)
+    started_ray = False
     try:
+        tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
+        store.set_meta("mlflow_run_id", tracker.run_id)
+        started_ray = init_ray(config.ray)
         tracker.log_params(config.flat_params() | {"structures": structures, "limit": limit})
         workers = make_workers(config.potential, config.relax, config.checks, config.ray)
         refs = resolve_references(config, out, workers)
@@ -231,9 +230,11 @@ def run_screen(
 
         chunks = chunked(todo, config.ray.chunk_size)
         bar = tqdm(total=len(todo), desc="relax", unit="struct", disable=not progress)
+        relax_start = time.perf_counter()
         for n in run_chunks(workers, chunks, config.ray.max_in_flight_per_worker, on_result):
             bar.update(n)
         bar.close()
+        relax_seconds = time.perf_counter() - relax_start
         table = ReferenceTable.load()
         compute_stability(store, refs, table)
         csv_path = store.export_csv(out / "results.csv")
@@ -257,7 +258,8 @@ def run_screen(
                 "n_stable": len(stable),
                 "n_relaxed_this_run": len(todo),
                 "seconds": seconds,
-                "throughput_structures_per_s": len(todo) / seconds if seconds > 0 else 0.0,
+                "relax_seconds": relax_seconds,
+                "throughput_structures_per_s": len(todo) / relax_seconds if todo and relax_seconds > 0 else 0.0,
             }
         )
         tracker.log_artifact(csv_path)
@@ -282,7 +284,8 @@ def run_screen(
             top,
         )
     finally:
-        tracker.end(status)
+        if tracker is not None:
+            tracker.end(status)
         store.close()
         if started_ray:
             import ray
