@@ -1,0 +1,777 @@
+"""DFT with GPAW (plane waves, PBE by default) through its ASE calculator.
+
+Four operations, each returning a :class:`DFTResult` and never raising for a calculation failure:
+:func:`single_point`, :func:`relax` (positions + cell), :func:`band_gap` (self-consistent run, then a
+non-self-consistent band path) and, on top of them, formation energies against elemental references computed
+with the same settings and cached on disk (:func:`elemental_reference_energy`,
+:func:`formation_energy_per_atom`).
+
+GPAW total energies are relative to the isolated atoms of its PAW setups: they are not comparable with VASP or
+Materials Project total energies, and only differences at identical settings mean anything. Eigenvalues (VBM,
+CBM, Fermi level) are on GPAW's absolute scale, not referenced to a vacuum level.
+
+Errors split by phase (as ASE does): bad settings, or GPAW not installed, raise ``ValueError``/``ImportError``
+before any work; everything that goes wrong per structure (no PAW setup for an element, a disordered structure,
+SCF not converged, any GPAW error) is a ``status="failed"`` result whose ``failure_reason`` says why.
+
+GPAW runs serially in the calling process (no MPI), with ``settings.threads`` BLAS/OpenMP threads; parallelism
+belongs to the caller (one Ray task per calculation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ase import Atoms
+from ase.units import GPa
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as config_dataclass
+from pymatgen.core import Composition, Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from materials import stability
+
+#: Initial moment (μB/atom) for spin-polarised runs on structures that carry no ``magmom`` site property.
+DEFAULT_INITIAL_MAGMOM = 1.0
+#: A fundamental gap within this of the smallest direct gap (eV) counts as direct.
+DIRECT_GAP_TOLERANCE = 1e-3
+#: Elements whose reference is a molecular crystal: positions relaxed, cell kept at the Delta-test PBE volume.
+#: (A PBE cell relaxation of these has no real minimum to find and, with plane-wave Pulay stress, collapsed
+#: O2 and N2 crystals to ~4 Å^3/atom at 350 eV.)
+MOLECULAR_REFERENCES = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
+#: Version of how references are built (structures, what is relaxed); a cache of another version is recomputed.
+REFERENCE_RECIPE = 1
+#: A reference relaxation changing the volume by more than this fraction is rejected (collapse, blow-up).
+REFERENCE_MAX_VOLUME_CHANGE = 0.25
+
+
+class DFTReferenceError(RuntimeError):
+    """An elemental reference energy could not be computed; the message names the element and the reason."""
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class DFTSettings:
+    """Science parameters of a GPAW calculation (plane-wave mode, Fermi-Dirac smearing).
+
+    Attributes:
+        xc: exchange-correlation functional GPAW knows (``PBE``); PAW setups for it must be installed.
+        ecut: plane-wave cutoff, eV. Si's relaxed lattice constant agrees to 0.0001 Å at 400-600 eV; 500 eV
+            leaves room for the harder first-row setups (C, N, O, F).
+        kpoint_density: k-points per Å⁻¹ of reciprocal-lattice-vector length (2π included; ASE's ``density``
+            convention): ``n_i = ceil(kpoint_density * |b_i|)``. 3.5 gives 7×7×7 for Si/GaAs primitive cells
+            (~700 k-points per reciprocal atom), 1 along non-periodic directions.
+        kpts: explicit Monkhorst-Pack sizes overriding ``kpoint_density`` (an E(V) curve needs one grid for all
+            volumes; density-derived grids jump between volumes); ``kpoint_grid`` parity rules do not apply.
+        kpoint_grid: ``odd`` (default): Monkhorst-Pack sizes rounded up to odd (Γ-centred, symmetric; the
+            grid to use for energies); ``monkhorst-pack``: the sizes as computed, even ones shifted off Γ;
+            ``gamma``: Γ-centred whatever the parity.
+        smearing: Fermi-Dirac width, eV. Reported energies are extrapolated to zero width.
+        scf_energy_tol: SCF convergence of the total energy, eV per valence electron (GPAW's default 5e-4).
+        scf_density_tol: SCF convergence of the density, electrons per valence electron (GPAW's default 1e-4).
+        maxiter: SCF iteration limit; reaching it is a failure ("SCF did not converge").
+        spinpol: spin-polarised run; initial moments come from the structure's ``magmom`` site property, else
+            ``DEFAULT_INITIAL_MAGMOM`` per atom.
+        relax_fmax: relaxation convergence, eV/Å (stress enters through FrechetCellFilter in the same units).
+        relax_max_steps: BFGS step limit; reaching it gives ``converged=False`` (status still ``ok``).
+        band_npoints: k-points along the band path (ASE's special-point path for the cell's Bravais lattice).
+        band_extra: empty bands converged on the band path above the occupied ones.
+        threads: BLAS/OpenMP threads for the calculation (no MPI).
+    """
+
+    xc: str = "PBE"
+    ecut: float = 500.0
+    kpoint_density: float = 3.5
+    kpts: tuple[int, int, int] | None = None
+    kpoint_grid: Literal["odd", "monkhorst-pack", "gamma"] = "odd"
+    smearing: float = 0.05
+    scf_energy_tol: float = 5e-4
+    scf_density_tol: float = 1e-4
+    maxiter: int = 200
+    spinpol: bool = False
+    relax_fmax: float = 0.02
+    relax_max_steps: int = 60
+    band_npoints: int = 60
+    band_extra: int = 4
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        positive = {
+            "ecut": self.ecut,
+            "kpoint_density": self.kpoint_density,
+            "scf_energy_tol": self.scf_energy_tol,
+            "scf_density_tol": self.scf_density_tol,
+            "relax_fmax": self.relax_fmax,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"dft.{name}={value} must be > 0")
+        if self.kpts is not None and min(self.kpts) < 1:
+            raise ValueError(f"dft.kpts={self.kpts} must be three integers >= 1")
+        if self.smearing < 0:
+            raise ValueError(f"dft.smearing={self.smearing} eV must be >= 0")
+        for name in ("maxiter", "relax_max_steps", "band_npoints", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dft.{name}={getattr(self, name)} must be >= 1")
+        if self.band_extra < 1:
+            raise ValueError(f"dft.band_extra={self.band_extra} must be >= 1 (the CBM needs one empty band)")
+
+
+#: Fields that change total energies; they (plus the GPAW and setup versions) key the reference cache.
+_ENERGY_FIELDS = (
+    "xc",
+    "ecut",
+    "kpoint_density",
+    "kpts",
+    "kpoint_grid",
+    "smearing",
+    "scf_energy_tol",
+    "scf_density_tol",
+    "spinpol",
+    "relax_fmax",
+)
+
+
+def settings_hash(settings: DFTSettings) -> str:
+    """16 hex digits identifying the energy-relevant settings and the GPAW + gpaw-data versions."""
+    values = asdict(settings)
+    key = {name: values[name] for name in _ENERGY_FIELDS}
+    key["gpaw"] = _package_version("gpaw")
+    key["gpaw-data"] = _package_version("gpaw-data")
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+@dataclass
+class DFTResult:
+    """Outcome of one GPAW calculation. Energies eV (GPAW's scale: relative to the setups' atoms), eV/atom for
+    ``*_per_atom``; forces eV/Å; stress GPa (Voigt xx yy zz yz xz xy, NaN if not computed); lengths Å of the
+    computed cell; volumes Å³/atom; band energies eV on GPAW's absolute eigenvalue scale.
+
+    ``status`` is ``ok`` or ``failed`` (then ``failure_reason`` says why and the numbers may be NaN).
+    ``task`` is ``single_point``, ``relax`` or ``band_gap``. ``converged``: the SCF (single point, band gap)
+    or the relaxation (relax) converged. ``n_scf_iterations`` sums over all ionic steps. ``gap_direct`` is None
+    when no gap was computed or the system is metallic (``band_gap`` 0). ``notes`` records non-fatal issues.
+    """
+
+    id: str
+    formula: str
+    status: str
+    task: str
+    failure_reason: str | None = None
+    n_atoms: int = 0
+    energy: float = math.nan
+    energy_per_atom: float = math.nan
+    e_form_per_atom: float = math.nan
+    max_force: float = math.nan
+    stress: list[float] = field(default_factory=lambda: [math.nan] * 6)
+    a: float = math.nan
+    b: float = math.nan
+    c: float = math.nan
+    volume_per_atom: float = math.nan
+    magnetic_moment: float = math.nan
+    fermi_level: float = math.nan
+    band_gap: float = math.nan
+    direct_gap: float = math.nan
+    gap_direct: bool | None = None
+    vbm: float = math.nan
+    cbm: float = math.nan
+    converged: bool = False
+    n_scf_iterations: int = 0
+    ionic_steps: int = 0
+    kpts: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    log_path: str | None = None
+    settings_hash: str = ""
+    notes: list[str] = field(default_factory=list)
+    structure: Structure | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["structure"] = self.structure.as_dict() if self.structure is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DFTResult:
+        data = dict(data)
+        if data.get("structure") is not None:
+            data["structure"] = Structure.from_dict(data["structure"])
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- setup checks
+
+
+def _require_gpaw() -> None:
+    try:
+        import gpaw  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("GPAW is not installed: pip install 'semidisc[dft]' (see README, DFT section)") from exc
+
+
+def _setup_name(xc: str) -> str:
+    from gpaw.xc import XC
+
+    try:
+        return XC(xc).get_setup_name()
+    except (NameError, KeyError, ValueError) as exc:
+        raise ValueError(f"dft.xc={xc!r} is not a functional GPAW knows ({exc})") from exc
+
+
+def _check_settings(settings: DFTSettings) -> str:
+    """Setup-phase checks (raise); returns the PAW setup name for the functional."""
+    _require_gpaw()
+    return _setup_name(settings.xc)
+
+
+def installed_setup_elements(xc: str = "PBE") -> frozenset[str]:
+    """Chemical symbols that have a PAW setup for ``xc`` in GPAW's setup paths (``gpaw.setup_paths``)."""
+    from ase.data import chemical_symbols
+    from gpaw import setup_paths
+
+    name = _setup_name(xc)
+    files: set[str] = set()
+    for folder in map(Path, setup_paths):
+        if folder.is_dir():
+            files.update(p.name for p in folder.iterdir())
+    # GPAW looks for exactly "<symbol>.<setup name>" or that + ".gz" (gpaw.setup_data.search_for_file)
+    return frozenset(s for s in chemical_symbols[1:] if f"{s}.{name}" in files or f"{s}.{name}.gz" in files)
+
+
+def missing_setups(symbols: Iterable[str], xc: str = "PBE") -> list[str]:
+    """The symbols among ``symbols`` with no PAW setup for ``xc`` (sorted)."""
+    available = installed_setup_elements(xc)
+    return sorted({s for s in symbols if s not in available})
+
+
+def _unsupported_reason(structure: Structure, settings: DFTSettings) -> str | None:
+    if not structure.is_ordered:
+        return "disordered structure (partial occupancies): GPAW needs an ordered cell"
+    symbols = {el.symbol for el in structure.composition.elements}
+    missing = missing_setups(symbols, settings.xc)
+    if missing:
+        from gpaw import setup_paths
+
+        folders = ", ".join(str(p) for p in setup_paths) or "none"
+        return (
+            f"unsupported element(s) {', '.join(missing)}: no {settings.xc} PAW setup installed "
+            f"(searched gpaw.setup_paths: {folders}; GPAW_SETUP_PATH adds folders)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- calculator
+
+
+def kpoint_grid(atoms: Atoms, settings: DFTSettings) -> tuple[int, int, int]:
+    """Monkhorst-Pack sizes for ``atoms``: ``ceil(kpoint_density * 2π/|a_i| ...)`` per periodic direction
+    (reciprocal vector lengths with 2π), made odd when ``settings.kpoint_grid == 'odd'``; 1 along
+    non-periodic directions. ``settings.kpts`` is returned as is when given."""
+    if settings.kpts is not None:
+        return settings.kpts
+    reciprocal = 2 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    sizes = []
+    for length, periodic in zip(reciprocal, atoms.pbc, strict=True):
+        if not periodic:
+            sizes.append(1)
+            continue
+        n = max(1, math.ceil(settings.kpoint_density * length - 1e-6))
+        if settings.kpoint_grid == "odd" and n % 2 == 0:
+            n += 1
+        sizes.append(n)
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _calculator(settings: DFTSettings, size: tuple[int, int, int], spinpol: bool, log_path: Path | None):
+    from gpaw import GPAW, PW, FermiDirac
+    from gpaw.mpi import serial_comm
+
+    kpts: dict[str, Any] = {"size": size}
+    if settings.kpoint_grid == "gamma":
+        kpts["gamma"] = True
+    return GPAW(
+        mode=PW(settings.ecut),
+        xc=settings.xc,
+        kpts=kpts,
+        occupations=FermiDirac(settings.smearing),
+        convergence={"energy": settings.scf_energy_tol, "density": settings.scf_density_tol},
+        maxiter=settings.maxiter,
+        spinpol=spinpol,
+        txt=str(log_path) if log_path is not None else None,
+        communicator=serial_comm,
+    )
+
+
+@contextmanager
+def _thread_limit(threads: int) -> Iterator[None]:
+    try:
+        from threadpoolctl import threadpool_limits  # installed with botorch and scikit-learn
+    except ImportError:  # then OMP_NUM_THREADS / OPENBLAS_NUM_THREADS decide
+        yield
+        return
+    with threadpool_limits(limits=threads):
+        yield
+
+
+def _prepare(structure: Structure | Atoms, settings: DFTSettings) -> tuple[Structure, Atoms, bool]:
+    """Pymatgen and ASE views of the input, and whether to spin-polarise."""
+    if isinstance(structure, Atoms):
+        structure = AseAtomsAdaptor.get_structure(structure)
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    atoms.pbc = True
+    spinpol = settings.spinpol
+    if spinpol and not np.any(atoms.get_initial_magnetic_moments()):
+        atoms.set_initial_magnetic_moments([DEFAULT_INITIAL_MAGMOM] * len(atoms))
+    elif not spinpol:
+        atoms.set_initial_magnetic_moments(None)
+    return structure, atoms, spinpol
+
+
+def _failure_reason(exc: Exception, settings: DFTSettings) -> str:
+    from gpaw import ConvergenceError
+
+    if isinstance(exc, ConvergenceError):
+        return (
+            f"SCF did not converge within dft.maxiter={settings.maxiter} iterations "
+            f"({type(exc).__name__}{': ' + str(exc) if str(exc) else ''}); "
+            "raise maxiter, increase smearing, or check the structure/spin state"
+        )
+    if isinstance(exc, FileNotFoundError) and "PAW dataset" in str(exc):
+        return f"unsupported element: {str(exc).splitlines()[0]}"
+    return f"calculation failed: {type(exc).__name__}: {exc}"
+
+
+def _new_result(structure: Structure, task: str, item_id: str, settings: DFTSettings, log_path) -> DFTResult:
+    return DFTResult(
+        id=item_id,
+        formula=structure.composition.reduced_formula,
+        status="failed",
+        task=task,
+        n_atoms=len(structure),
+        log_path=str(log_path) if log_path is not None else None,
+        settings_hash=settings_hash(settings),
+    )
+
+
+def _fill_state(result: DFTResult, atoms: Atoms, calc, spinpol: bool, with_stress: bool) -> None:
+    n = len(atoms)
+    result.energy = float(atoms.get_potential_energy())
+    result.energy_per_atom = result.energy / n
+    forces = atoms.get_forces()
+    result.max_force = float(np.linalg.norm(forces, axis=1).max())
+    if with_stress:
+        result.stress = [float(s) for s in atoms.get_stress(voigt=True) / GPa]
+    lengths = atoms.cell.lengths()
+    result.a, result.b, result.c = (float(x) for x in lengths)
+    result.volume_per_atom = float(atoms.get_volume() / n)
+    result.fermi_level = float(calc.get_fermi_level())
+    if spinpol:
+        result.magnetic_moment = float(calc.get_magnetic_moment())
+    final = atoms.copy()
+    final.calc = None
+    result.structure = AseAtomsAdaptor.get_structure(final)
+
+
+def _log_path(log_path: str | Path | None) -> Path | None:
+    if log_path is None:
+        return None
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ operations
+
+
+@dataclass
+class _Job:
+    """What every operation needs before GPAW runs."""
+
+    settings: DFTSettings
+    atoms: Atoms
+    spinpol: bool
+    log: Path | None
+    size: tuple[int, int, int]
+    result: DFTResult
+    start: float
+
+    def calculator(self):
+        return _calculator(self.settings, self.size, self.spinpol, self.log)
+
+    def failed(self, exc: Exception) -> DFTResult:
+        self.result.failure_reason = _failure_reason(exc, self.settings)
+        return self.finish()
+
+    def finish(self) -> DFTResult:
+        self.result.seconds = time.perf_counter() - self.start
+        return self.result
+
+
+def _begin(
+    structure: Structure | Atoms, settings: DFTSettings | None, task: str, item_id: str, log_path: str | Path | None
+) -> _Job:
+    """Setup-phase checks (raise on bad settings), then a job whose result already holds any per-structure
+    reason not to run (``result.failure_reason``)."""
+    settings = settings or DFTSettings()
+    _check_settings(settings)
+    structure, atoms, spinpol = _prepare(structure, settings)
+    log = _log_path(log_path)
+    result = _new_result(structure, task, item_id, settings, log)
+    result.failure_reason = _unsupported_reason(structure, settings)
+    size = kpoint_grid(atoms, settings)
+    result.kpts = list(size)
+    return _Job(settings, atoms, spinpol, log, size, result, time.perf_counter())
+
+
+def single_point(
+    structure: Structure | Atoms,
+    settings: DFTSettings | None = None,
+    item_id: str = "structure",
+    log_path: str | Path | None = None,
+) -> DFTResult:
+    """Self-consistent energy, forces and stress of ``structure`` as given.
+
+    Args:
+        structure: periodic structure (pymatgen or ASE); a ``magmom`` site property seeds spin-polarised runs.
+        settings: GPAW settings (defaults: PBE, 500 eV, odd 3.5 Å k-grid, 0.05 eV Fermi-Dirac).
+        item_id: name used in the result.
+        log_path: GPAW text log (overwritten); None for no log.
+
+    Raises:
+        ValueError: unknown functional. ImportError: GPAW missing. Anything per-structure is a failed result.
+    """
+    job = _begin(structure, settings, "single_point", item_id, log_path)
+    if job.result.failure_reason is not None:
+        return job.finish()
+    with _thread_limit(job.settings.threads):
+        try:
+            calc = job.calculator()
+            job.atoms.calc = calc
+            _fill_state(job.result, job.atoms, calc, job.spinpol, with_stress=True)
+            job.result.n_scf_iterations = int(calc.get_number_of_iterations())
+        except Exception as exc:  # per-structure failure, recorded with its reason
+            return job.failed(exc)
+    job.result.converged = True
+    job.result.status = "ok"
+    return job.finish()
+
+
+def relax(
+    structure: Structure | Atoms,
+    settings: DFTSettings | None = None,
+    item_id: str = "structure",
+    log_path: str | Path | None = None,
+    *,
+    fmax: float | None = None,
+    max_steps: int | None = None,
+    relax_cell: bool = True,
+) -> DFTResult:
+    """Relax positions (and the cell: ASE FrechetCellFilter) with BFGS on GPAW forces and stress.
+
+    Args:
+        structure, settings, item_id, log_path: as in :func:`single_point`; one GPAW log for all ionic steps.
+        fmax: force criterion, eV/Å; None uses ``settings.relax_fmax``.
+        max_steps: BFGS step limit; None uses ``settings.relax_max_steps``. Hitting it leaves ``status='ok'``,
+            ``converged=False`` and a note.
+        relax_cell: relax the cell shape and volume as well as positions.
+
+    The returned energy, forces, stress and structure are those of the final geometry. The k-grid is chosen
+    for the starting cell and kept. Plane-wave stress at a fixed cutoff carries a Pulay error: converge
+    ``ecut`` for lattice constants (Si: 400-600 eV agree to 0.0001 Å).
+    """
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    job = _begin(structure, settings, "relax", item_id, log_path)
+    if job.result.failure_reason is not None:
+        return job.finish()
+    fmax = job.settings.relax_fmax if fmax is None else fmax
+    max_steps = job.settings.relax_max_steps if max_steps is None else max_steps
+    result = job.result
+    scf_iterations: list[int] = []
+    with _thread_limit(job.settings.threads):
+        try:
+            calc = job.calculator()
+            job.atoms.calc = calc
+            target = FrechetCellFilter(job.atoms) if relax_cell else job.atoms
+            optimizer = BFGS(target, logfile=None)
+            optimizer.attach(lambda: scf_iterations.append(int(calc.get_number_of_iterations())))
+            converged = bool(optimizer.run(fmax=fmax, steps=max_steps))
+            _fill_state(result, job.atoms, calc, job.spinpol, with_stress=relax_cell)
+        except Exception as exc:  # per-structure failure, recorded with its reason
+            result.n_scf_iterations = sum(scf_iterations)
+            return job.failed(exc)
+    result.ionic_steps = int(optimizer.nsteps)
+    result.n_scf_iterations = sum(scf_iterations)
+    result.converged = converged
+    if not converged:
+        result.notes.append(f"relaxation stopped at max_steps={max_steps} above fmax={fmax} eV/Å")
+    final_size = kpoint_grid(job.atoms, job.settings)
+    if final_size != job.size:
+        result.notes.append(
+            f"k-grid {list(job.size)} kept from the start; the relaxed cell would get {list(final_size)}"
+        )
+    result.status = "ok"
+    return job.finish()
+
+
+def band_gap(
+    structure: Structure | Atoms,
+    settings: DFTSettings | None = None,
+    item_id: str = "structure",
+    log_path: str | Path | None = None,
+) -> DFTResult:
+    """Band gap of ``structure`` as given: a self-consistent run on the k-grid, then a non-self-consistent run
+    (fixed density, symmetry off) along ASE's band path for the cell's Bravais lattice
+    (``settings.band_npoints`` points, ``settings.band_extra`` empty bands converged).
+
+    VBM, CBM, gap and direct/indirect come from the eigenvalues of both k-sets together, with the number of
+    occupied bands fixed by the electron count (per spin channel from the magnetic moment when spin-polarised),
+    so the result does not depend on where smearing puts the Fermi level. A gap is direct when it equals the
+    smallest same-k gap within ``DIRECT_GAP_TOLERANCE``. Metals (or an odd electron count without spin
+    polarisation) give ``band_gap=0``, ``gap_direct=None``. The band-path log is ``<log stem>_bandpath<suffix>``.
+    Extrema off both the grid and the path are missed (low-symmetry cells).
+    """
+    job = _begin(structure, settings, "band_gap", item_id, log_path)
+    if job.result.failure_reason is not None:
+        return job.finish()
+    settings, atoms, log, result = job.settings, job.atoms, job.log, job.result
+    with _thread_limit(settings.threads):
+        try:
+            calc = job.calculator()
+            atoms.calc = calc
+            _fill_state(result, atoms, calc, job.spinpol, with_stress=False)
+            result.n_scf_iterations = int(calc.get_number_of_iterations())
+            nocc = _occupied_bands(calc, job.spinpol)
+            eigenvalues = [_eigenvalues(calc)]
+            if nocc is not None:
+                path = atoms.cell.bandpath(npoints=settings.band_npoints, pbc=atoms.pbc)
+                nconverged = max(nocc) + settings.band_extra
+                band_log = log.with_name(f"{log.stem}_bandpath{log.suffix}") if log is not None else None
+                path_calc = calc.fixed_density(
+                    kpts=path,
+                    symmetry="off",
+                    nbands=nconverged + 4,  # unconverged buffer bands help Davidson converge the top ones
+                    convergence={"bands": nconverged},
+                    txt=str(band_log) if band_log is not None else None,
+                )
+                path_calc.get_potential_energy()  # runs the non-self-consistent diagonalisation
+                eigenvalues.append(_eigenvalues(path_calc))
+                result.notes.append(f"band path {path.path} with {len(path.kpts)} k-points")
+        except Exception as exc:  # per-structure failure, recorded with its reason
+            return job.failed(exc)
+    if nocc is None:
+        result.band_gap = 0.0
+        result.notes.append("odd electron count or fractional moment: no insulating filling, metallic")
+    else:
+        nbands = min(e.shape[2] for e in eigenvalues)
+        combined = np.concatenate([e[:, :, :nbands] for e in eigenvalues], axis=1)
+        gap, direct, vbm, cbm = gap_from_eigenvalues(combined, nocc)
+        result.band_gap, result.direct_gap, result.vbm, result.cbm = gap, direct, vbm, cbm
+        result.gap_direct = None if gap == 0.0 else bool(direct - gap < DIRECT_GAP_TOLERANCE)
+    result.converged = True
+    result.status = "ok"
+    return job.finish()
+
+
+def _eigenvalues(calc) -> np.ndarray:
+    """Eigenvalues, eV, shape (n_spins, n_kpoints, n_bands)."""
+    nk = len(calc.get_ibz_k_points())
+    ns = calc.get_number_of_spins()
+    return np.array([[calc.get_eigenvalues(kpt=k, spin=s) for k in range(nk)] for s in range(ns)])
+
+
+def _occupied_bands(calc, spinpol: bool) -> list[int] | None:
+    """Occupied bands per spin channel from the electron count (and the total moment when spin-polarised);
+    None when no insulating filling exists (odd count unpolarised, non-integer moment)."""
+    n_electrons = float(calc.get_number_of_electrons())
+    if not spinpol:
+        half = n_electrons / 2
+        return [round(half)] if abs(half - round(half)) < 1e-6 else None
+    moment = float(calc.get_magnetic_moment())
+    if abs(moment - round(moment)) > 0.05:
+        return None
+    up = (n_electrons + round(moment)) / 2
+    down = (n_electrons - round(moment)) / 2
+    if abs(up - round(up)) > 1e-6:
+        return None
+    return [round(up), round(down)]
+
+
+def gap_from_eigenvalues(eigenvalues: np.ndarray, occupied: list[int]) -> tuple[float, float, float, float]:
+    """Fundamental gap, smallest direct gap, VBM and CBM (eV) from eigenvalues of shape
+    (n_spins, n_kpoints, n_bands) with ``occupied[s]`` filled bands in spin channel ``s``.
+
+    A negative VBM-to-CBM distance (bands overlap somewhere) is a metal: gap 0, direct gap 0, VBM/CBM NaN.
+    """
+    eigenvalues = np.asarray(eigenvalues, dtype=float)
+    if eigenvalues.ndim != 3 or len(occupied) != eigenvalues.shape[0]:
+        raise ValueError(f"{eigenvalues.shape=} must be (n_spins, n_kpoints, n_bands) with {len(occupied)=} spins")
+    valence = []
+    conduction = []
+    for s, n in enumerate(occupied):
+        if not 0 < n < eigenvalues.shape[2]:
+            raise ValueError(f"occupied[{s}]={n} needs 0 < n < n_bands={eigenvalues.shape[2]}")
+        valence.append(eigenvalues[s, :, n - 1])
+        conduction.append(eigenvalues[s, :, n])
+    vb = np.array(valence)  # (n_spins, n_kpoints)
+    cb = np.array(conduction)
+    vbm = float(vb.max())
+    cbm = float(cb.min())
+    if cbm <= vbm:
+        return 0.0, 0.0, math.nan, math.nan
+    return cbm - vbm, float((cb - vb).min()), vbm, cbm
+
+
+# ------------------------------------------------------------------------------------------ formation energy
+
+
+def reference_structure(symbol: str) -> Structure:
+    """The elemental reference crystal for ``symbol``: the Delta-test structure (``ase.collections.dcdft``:
+    71 elements at their all-electron PBE equilibrium volumes, with the Delta test's magnetic orders: AFM O2
+    crystal, Cr and Mn, FM Fe, Co and Ni; molecular crystals for H, N, O, F, Cl, Br, I; α-Ga; graphite) reduced
+    to its primitive cell, else ASE's ``bulk(symbol)`` reference state.
+
+    Raises:
+        DFTReferenceError: no structure is known for ``symbol``.
+    """
+    from ase.build import bulk
+    from ase.collections import dcdft
+
+    if symbol in dcdft.names:
+        structure = AseAtomsAdaptor.get_structure(dcdft[symbol])
+        return structure.get_primitive_structure(use_site_props=True)
+    try:
+        return AseAtomsAdaptor.get_structure(bulk(symbol))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise DFTReferenceError(
+            f"no elemental reference structure for {symbol}: not in ase.collections.dcdft and "
+            f"ase.build.bulk fails ({exc})"
+        ) from exc
+
+
+def _reference_settings(structure: Structure, settings: DFTSettings) -> DFTSettings:
+    magnetic = "magmom" in structure.site_properties and any(abs(m) > 0 for m in structure.site_properties["magmom"])
+    return replace(settings, spinpol=True) if magnetic else settings
+
+
+def elemental_reference_energy(
+    symbol: str, settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
+) -> float:
+    """Energy per atom (eV/atom, GPAW scale) of the relaxed elemental reference crystal of ``symbol``
+    (:func:`reference_structure`; positions + cell relaxed, positions only for the molecular crystals of
+    ``MOLECULAR_REFERENCES``) with ``settings``, spin-polarised when the reference carries magnetic moments.
+    The molecular crystals keep k-points and smearing identical to compounds (unlike a molecule in a box) and
+    match what Materials Project uses for gaseous elements.
+
+    Cached as ``cache_dir/<symbol>-<settings_hash>.json`` (the relaxation record included); a cached value of
+    the current ``REFERENCE_RECIPE`` is returned without running GPAW. Concurrent writers are safe (atomic
+    rename; at worst the work is done twice).
+
+    Raises:
+        DFTReferenceError: no reference structure, no PAW setup, or the relaxation failed (reason in message).
+    """
+    settings = settings or DFTSettings()
+    _check_settings(settings)
+    cache = Path(cache_dir)
+    key = settings_hash(settings)
+    path = cache / f"{symbol}-{key}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("recipe") == REFERENCE_RECIPE:
+            return float(cached["energy_per_atom"])
+    structure = reference_structure(symbol)
+    ref_settings = _reference_settings(structure, settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    result = relax(
+        structure,
+        ref_settings,
+        item_id=f"reference-{symbol}",
+        log_path=cache / f"{symbol}-{key}.txt",
+        relax_cell=symbol not in MOLECULAR_REFERENCES,
+    )
+    if result.status != "ok":
+        raise DFTReferenceError(f"elemental reference {symbol} failed: {result.failure_reason}")
+    change = result.volume_per_atom / (structure.volume / len(structure)) - 1
+    if abs(change) > REFERENCE_MAX_VOLUME_CHANGE:
+        raise DFTReferenceError(
+            f"elemental reference {symbol}: the relaxation changed the volume by {change:+.0%} "
+            f"(> {REFERENCE_MAX_VOLUME_CHANGE:.0%} from the Delta-test PBE volume); raise dft.ecut "
+            f"(now {settings.ecut} eV) or check the log {result.log_path}"
+        )
+    record = {
+        "symbol": symbol,
+        "recipe": REFERENCE_RECIPE,
+        "settings_hash": key,
+        "settings": asdict(settings),
+        "spinpol": ref_settings.spinpol,
+        "source": "ase.collections.dcdft" if symbol in _dcdft_names() else "ase.build.bulk",
+        "energy_per_atom": result.energy_per_atom,
+        "result": result.as_dict(),
+    }
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return result.energy_per_atom
+
+
+def _dcdft_names() -> list[str]:
+    from ase.collections import dcdft
+
+    return list(dcdft.names)
+
+
+def elemental_references(
+    symbols: Iterable[str], settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
+) -> stability.EnergyReferences:
+    """Reference energies μ (eV/atom) of ``symbols`` as :class:`materials.stability.EnergyReferences`
+    (scheme ``gpaw``), usable wherever the MLIP references are (formation energies, hulls).
+
+    Raises:
+        DFTReferenceError: as :func:`elemental_reference_energy`.
+    """
+    settings = settings or DFTSettings()
+    mu = {s: elemental_reference_energy(s, settings, cache_dir) for s in sorted(set(symbols))}
+    return stability.EnergyReferences(scheme="gpaw", potential=f"gpaw-{settings.xc}-{settings_hash(settings)}", mu=mu)
+
+
+def formation_energy_per_atom(
+    result: DFTResult, settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
+) -> float:
+    """Formation energy, eV/atom, of a successful result against elemental references computed with the same
+    ``settings`` (raw PBE: no Materials Project anion/U corrections, so oxides, nitrides etc. differ from MP by
+    those). The caller stores it: ``result.e_form_per_atom = formation_energy_per_atom(result, ...)``.
+
+    Raises:
+        ValueError: the result failed, or it was computed with other settings (its ``settings_hash``).
+        DFTReferenceError: a reference could not be computed.
+    """
+    settings = settings or DFTSettings()
+    if result.status != "ok" or not math.isfinite(result.energy):
+        raise ValueError(f"result {result.id!r} has status {result.status!r}: no energy to form from")
+    if result.settings_hash and result.settings_hash != settings_hash(settings):
+        raise ValueError(
+            f"result {result.id!r} was computed with settings {result.settings_hash}, references would use "
+            f"{settings_hash(settings)}: formation energies need identical settings"
+        )
+    composition = result.structure.composition if result.structure is not None else Composition(result.formula)
+    refs = elemental_references([el.symbol for el in composition.elements], settings, cache_dir)
+    if result.structure is not None:
+        return stability.formation_energy_per_atom(composition, result.energy, refs)
+    return stability.formation_energy_per_atom(composition, result.energy_per_atom * composition.num_atoms, refs)

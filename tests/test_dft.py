@@ -1,0 +1,154 @@
+"""GPAW DFT engine on 2-atom Si with low cutoff and k-points (seconds each), plus every failure path."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+pytest.importorskip("gpaw")
+
+from materials.dft import (  # noqa: E402
+    DFTReferenceError,
+    DFTResult,
+    DFTSettings,
+    band_gap,
+    elemental_reference_energy,
+    formation_energy_per_atom,
+    gap_from_eigenvalues,
+    installed_setup_elements,
+    kpoint_grid,
+    missing_setups,
+    relax,
+    settings_hash,
+    single_point,
+)
+
+#: Low settings: meaningless numbers, but the same code paths as production ones.
+FAST = DFTSettings(ecut=250.0, kpts=(3, 3, 3), relax_fmax=0.05, relax_max_steps=20, band_npoints=30)
+
+
+def si(a: float = 5.47):
+    return bulk("Si", "diamond", a=a)
+
+
+@pytest.fixture(scope="module")
+def si_single_point(tmp_path_factory):
+    log = tmp_path_factory.mktemp("dft") / "si.txt"
+    return single_point(si(), FAST, item_id="si", log_path=log)
+
+
+def test_single_point_si_is_finite_with_zero_forces_by_symmetry(si_single_point):
+    r = si_single_point
+    assert r.status == "ok" and r.failure_reason is None and r.converged
+    assert r.task == "single_point" and r.formula == "Si" and r.n_atoms == 2 and r.kpts == [3, 3, 3]
+    assert math.isfinite(r.energy) and r.energy_per_atom == pytest.approx(r.energy / 2)
+    assert r.max_force < 1e-3  # both atoms sit on inversion-related sites
+    assert np.all(np.isfinite(r.stress)) and r.stress[0] == pytest.approx(r.stress[1], abs=1e-6)
+    assert r.a == pytest.approx(5.47 / 2**0.5) and r.volume_per_atom == pytest.approx(5.47**3 / 8)
+    assert r.n_scf_iterations > 0 and math.isnan(r.e_form_per_atom)
+    assert r.structure is not None and len(r.structure) == 2
+    assert "Cutoff: 250.0 eV" in open(r.log_path).read()
+
+
+def test_result_round_trips_through_json(si_single_point):
+    data = json.loads(json.dumps(si_single_point.as_dict()))
+    back = DFTResult.from_dict(data)
+    assert back.energy == si_single_point.energy and back.structure == si_single_point.structure
+    assert json.dumps(back.as_dict()) == json.dumps(si_single_point.as_dict())
+
+
+def test_relax_moves_the_volume_toward_equilibrium():
+    start = si(5.25)  # ~4 % compressed: positive pressure
+    before = single_point(start, FAST)
+    r = relax(start, FAST, item_id="si-compressed")
+    assert r.status == "ok" and r.task == "relax" and r.converged and r.ionic_steps >= 1
+    assert r.volume_per_atom > before.volume_per_atom * 1.05
+    assert abs(np.mean(r.stress[:3])) < abs(np.mean(before.stress[:3])) / 5
+    assert r.energy < before.energy
+    assert r.max_force < 0.05 and r.structure.lattice.abc[0] == pytest.approx(r.a)
+
+
+def test_band_gap_of_si_is_positive_and_indirect():
+    r = band_gap(si(), FAST, item_id="si")
+    assert r.status == "ok" and r.task == "band_gap"
+    assert 0.2 < r.band_gap < 1.2  # PBE ~0.6 eV; loose at 250 eV / 3x3x3
+    assert r.gap_direct is False and r.direct_gap > r.band_gap + 1.0  # direct gap at Γ ~2.5 eV
+    assert r.cbm - r.vbm == pytest.approx(r.band_gap)
+    assert any("band path" in note for note in r.notes)
+
+
+def test_elemental_reference_is_cached_and_formation_energy_subtracts_it(tmp_path):
+    mu = elemental_reference_energy("Si", FAST, tmp_path)
+    cached = list(tmp_path.glob(f"Si-{settings_hash(FAST)}.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["energy_per_atom"] == mu
+    start = time.perf_counter()
+    assert elemental_reference_energy("Si", FAST, tmp_path) == mu
+    assert time.perf_counter() - start < 0.5
+
+    strained = single_point(si(5.70), FAST)
+    e_form = formation_energy_per_atom(strained, FAST, tmp_path)
+    assert e_form == pytest.approx(strained.energy_per_atom - mu)
+    assert e_form > 0.0  # strained Si is above relaxed Si
+
+    other = DFTSettings(ecut=260.0, kpts=(3, 3, 3))
+    with pytest.raises(ValueError, match="identical settings"):
+        formation_energy_per_atom(strained, other, tmp_path)
+
+
+def test_formation_energy_of_a_failed_result_is_refused(tmp_path):
+    failed = DFTResult(id="x", formula="Si", status="failed", task="single_point", failure_reason="test")
+    with pytest.raises(ValueError, match="status 'failed'"):
+        formation_energy_per_atom(failed, FAST, tmp_path)
+
+
+def test_scf_non_convergence_is_a_failure_with_reason():
+    r = single_point(si(), DFTSettings(ecut=250.0, kpts=(3, 3, 3), maxiter=2), item_id="si")
+    assert r.status == "failed" and "converge" in r.failure_reason and "maxiter=2" in r.failure_reason
+    assert math.isnan(r.energy)
+
+
+def test_element_without_paw_setup_is_a_failure_with_reason(tmp_path):
+    # gpaw-data ships no PAW setup for technetium (nor Po, At, Fr, Ra and the actinides)
+    assert "Tc" not in installed_setup_elements("PBE") and "Si" in installed_setup_elements("PBE")
+    assert missing_setups(["Si", "Tc", "Po"]) == ["Po", "Tc"]
+    for run in (single_point, relax, band_gap):
+        r = run(bulk("Tc"), FAST, item_id="tc")
+        assert r.status == "failed" and "Tc" in r.failure_reason and "PAW setup" in r.failure_reason
+    with pytest.raises(DFTReferenceError, match="Tc"):
+        elemental_reference_energy("Tc", FAST, tmp_path)
+
+
+def test_bad_settings_raise_before_any_work():
+    with pytest.raises(ValueError, match="ecut"):
+        DFTSettings(ecut=-1.0)
+    with pytest.raises(ValueError):
+        DFTSettings(cutoff=400.0)  # extra="forbid"
+    with pytest.raises(ValueError, match="xc"):
+        single_point(si(), DFTSettings(xc="NOT-A-FUNCTIONAL"))
+
+
+def test_kpoint_grid_from_density_is_odd_and_scales_with_the_cell():
+    assert kpoint_grid(si(), DFTSettings()) == (7, 7, 7)
+    assert kpoint_grid(si(), DFTSettings(kpoint_grid="monkhorst-pack", kpoint_density=4.0)) == (8, 8, 8)
+    assert kpoint_grid(si(5.47 * 2), DFTSettings()) == (5, 5, 5)
+    assert kpoint_grid(si(), FAST) == (3, 3, 3)
+
+
+def test_gap_from_eigenvalues_indirect_direct_metal_and_spin():
+    # 2 k-points, 3 bands, 2 occupied: VBM at k0, CBM at k1
+    e = np.array([[[-1.0, 0.0, 2.0], [-1.0, -0.5, 1.0]]])
+    assert gap_from_eigenvalues(e, [2]) == (1.0, 1.5, 0.0, 1.0)
+    direct = np.array([[[-1.0, 0.0, 1.0], [-1.0, -0.5, 2.0]]])
+    gap, direct_gap, _, _ = gap_from_eigenvalues(direct, [2])
+    assert gap == direct_gap == 1.0
+    metal = np.array([[[-1.0, 0.0, 2.0], [-1.0, 1.5, 1.0]]])
+    assert gap_from_eigenvalues(metal, [2])[0] == 0.0
+    spin = np.array([[[-1.0, 0.0, 2.0]], [[-1.0, 0.5, 1.2]]])  # up: 2 occupied, down: 1 occupied
+    assert gap_from_eigenvalues(spin, [2, 1]) == pytest.approx((0.5, 1.5, 0.0, 0.5))
+    with pytest.raises(ValueError, match="n_bands"):
+        gap_from_eigenvalues(e, [3])
