@@ -44,6 +44,114 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from pipelines.campaign import run_campaign
+    from pipelines.config import load_campaign_config
+
+    config = load_campaign_config(args.config)
+    summary = run_campaign(config, out_dir=args.out, resume=args.resume)
+    print(
+        f"\npool {summary.n_pool} candidates ({summary.n_skipped} skipped), {summary.n_evaluated} evaluated "
+        f"in {summary.iterations} iterations, {summary.n_failed} failed, {summary.n_hits} hits "
+        f"({summary.seconds:.0f} s)"
+    )
+    if summary.evaluations_to_target is not None:
+        print(
+            f"target of {config.optimizer.target_hits} hits reached after {summary.evaluations_to_target} evaluations"
+        )
+    for hit in summary.hits[:15]:
+        values = ", ".join(f"{k}={v:.3g}" for k, v in hit.items() if isinstance(v, float))
+        print(f"  hit {hit['id']:>10s} {hit['formula']:12s} {values}")
+    print(f"\nresults: {summary.out_dir / 'evaluations.csv'}; trace: {summary.out_dir / 'bo_trace.png'}")
+    if summary.mlflow_run_id:
+        print(f"MLflow run: {summary.mlflow_run_id}")
+    return 0
+
+
+def cmd_bo_benchmark(args: argparse.Namespace) -> int:
+    import math
+
+    from materials.optimize import WindowObjective
+    from pipelines.bo_benchmark import format_report, load_labelled_pool, report_json, run_benchmark, trace_plot
+
+    if (args.stable_column is None) != (args.stable_max is None):
+        raise ValueError("--stable-column and --stable-max go together")
+    low, high = (math.inf if v in ("inf", "+inf") else -math.inf if v == "-inf" else float(v) for v in args.window)
+    objective = WindowObjective(
+        target=args.target, low=low, high=high, stable=args.stable_column, stable_max=args.stable_max
+    )
+    columns = [args.target] + ([args.stable_column] if args.stable_column else [])
+    pool = load_labelled_pool(args.pool, args.formula_column, columns)
+    report = run_benchmark(
+        pool,
+        objective,
+        methods=args.methods.split(","),
+        hits=args.hits,
+        seeds=args.seeds,
+        q=args.batch,
+        n_init=args.n_init,
+        budget=args.budget,
+        num_cpus=args.num_cpus,
+    )
+    if args.plot:
+        trace_plot(report, args.plot)
+    print(report_json(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines.config import TrackingSettings
+    from pipelines.validate import run_validation
+
+    tracking = TrackingSettings(uri=args.tracking_uri, experiment="semidisc-validate", enabled=not args.no_mlflow)
+    summary = run_validation(
+        args.predictions,
+        args.reference,
+        args.property,
+        out_dir=args.out,
+        method=args.method,
+        column=args.column,
+        by=args.by,
+        tracking=tracking,
+    )
+    m = summary.metrics
+    print(f"matched {m.get('n')} predictions (coverage {m.get('coverage', 0):.0%}), {summary.n_unmatched} unmatched")
+    for key in ("mae", "rmse", "r2", "max_error", "mean_signed_error"):
+        if isinstance(m.get(key), float):
+            print(f"  {key:18s} {m[key]:.3f}")
+    print(f"report: {summary.report}")
+    return 0
+
+
+def cmd_dft(args: argparse.Namespace) -> int:
+    from pipelines.dft_run import load_dft_config, run_dft
+
+    config = load_dft_config(args.config)
+    summary = run_dft(
+        config,
+        structures=args.structures,
+        from_run=args.from_run,
+        top=args.top,
+        relax=args.relax,
+        bandgap=args.bandgap,
+        out_dir=args.out,
+    )
+    print(f"\n{summary['n_ok']}/{summary['n_items']} ok")
+    print(f"{'id':28s} {'E_form':>8s} {'a (Å)':>7s} {'gap':>6s}  status")
+
+    def num(rec: dict, key: str, fmt: str) -> str:
+        value = rec.get(key)
+        return format(value, fmt) if isinstance(value, float) and value == value else "-"
+
+    for r in summary["records"]:
+        print(
+            f"{r['id']:28s} {num(r, 'e_form_per_atom', '8.3f'):>8s} {num(r, 'a', '7.3f'):>7s} "
+            f"{num(r, 'band_gap', '6.2f'):>6s}  {r['status']} {r.get('failure_reason') or ''}"
+        )
+    print(f"results: {summary['out_dir'] / 'dft_results.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semidisc", description="Discover semiconductor materials.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +163,52 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--resume", action="store_true", help="continue a screen in --out, skipping finished items")
     screen.add_argument("--no-progress", action="store_true", help="no progress bar")
     screen.set_defaults(func=cmd_screen)
+
+    campaign = sub.add_parser("campaign", help="Bayesian-optimisation campaign: propose, evaluate on Ray, resume")
+    campaign.add_argument("config", help="campaign YAML (see configs/campaign-perovskites.yaml)")
+    campaign.add_argument("--out", help="output folder (default: output_dir from the config)")
+    campaign.add_argument("--resume", action="store_true", help="continue the campaign in --out")
+    campaign.set_defaults(func=cmd_campaign)
+
+    dft = sub.add_parser("dft", help="GPAW DFT (relax, band gap, formation energy) on structures, as Ray tasks")
+    dft.add_argument("--structures", help="a structure file or a folder of them")
+    dft.add_argument("--from-run", help="a screen's output folder: compute its most stable candidates")
+    dft.add_argument("--top", type=int, default=5, help="with --from-run: how many (lowest E_hull first)")
+    dft.add_argument("--relax", action="store_true", help="relax positions and cell first")
+    dft.add_argument("--bandgap", action="store_true", help="PBE band gap (SCF + band path)")
+    dft.add_argument("--config", help="YAML with a dft: section (DFTSettings), ray:, tracking:")
+    dft.add_argument("--out", default="runs/dft", help="output folder (resumes: finished ids are skipped)")
+    dft.set_defaults(func=cmd_dft)
+
+    val = sub.add_parser("validate", help="compare predictions with DFT/experimental/lab reference data")
+    val.add_argument("--predictions", required=True, help="CSV, a screen/dft output folder, or an MLflow run id")
+    val.add_argument("--reference", required=True, help="borlido | zhuo | mp | path to a lab-data CSV")
+    val.add_argument("--property", required=True, help="band_gap (eV) | formation_energy (eV/atom)")
+    val.add_argument("--method", help="reference column, e.g. PBE or HSE06 for borlido (default: experiment)")
+    val.add_argument("--column", help="prediction column (default: e_form_per_atom / gap_pbe / band_gap)")
+    val.add_argument("--by", default="auto", choices=["auto", "formula", "structure"])
+    val.add_argument("--out", default="runs/validation", help="report folder")
+    val.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    val.add_argument("--no-mlflow", action="store_true")
+    val.set_defaults(func=cmd_validate)
+
+    bench = sub.add_parser("bo-benchmark", help="BO vs random search on a labelled pool (formula features only)")
+    bench.add_argument("--pool", required=True, help="labelled CSV")
+    bench.add_argument("--formula-column", required=True)
+    bench.add_argument("--target", required=True, help="label column of the designed property")
+    bench.add_argument("--window", nargs=2, required=True, metavar=("LO", "HI"), help="target window (inf allowed)")
+    bench.add_argument("--stable-column", help="stability label column (gate)")
+    bench.add_argument("--stable-max", type=float, help="largest stability value that counts as stable")
+    bench.add_argument("--hits", type=int, default=10, help="K: hits to find (default 10)")
+    bench.add_argument("--seeds", type=int, default=10)
+    bench.add_argument("--batch", type=int, default=5, help="q: batch size")
+    bench.add_argument("--n-init", type=int, default=10)
+    bench.add_argument("--budget", type=int, help="evaluations at most per run (default: the pool)")
+    bench.add_argument("--methods", default="bo,random", help="comma list of bo, bo-hit, greedy, random")
+    bench.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (one replay per CPU)")
+    bench.add_argument("--plot", help="save the hits-vs-evaluations trace plot here")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(func=cmd_bo_benchmark)
     return parser
 
 
@@ -66,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from materials.structures import StructureCheckError
     from pipelines.config import ConfigError
     from pipelines.screen import ResumeError
+    from pipelines.validate import ValidationInputError
 
     try:
         return args.func(args)
@@ -74,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         ResumeError,
         PotentialError,
         StructureCheckError,
+        ValidationInputError,
         FileNotFoundError,
         ValueError,
     ) as exc:

@@ -6,11 +6,12 @@ Science parameters are the dataclasses of ``materials`` (their fields are the YA
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
@@ -111,15 +112,127 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ScreenConfig:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_config(path: str | Path) -> ScreenConfig:
-    """Read and validate a YAML config. Raises :class:`ConfigError` naming the file and the bad key."""
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (see configs/quickstart.yaml for an example)")
+        raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (name, candidates, relax, ...)")
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path) -> ScreenConfig:
+    """Read and validate a YAML config. Raises :class:`ConfigError` naming the file and the bad key."""
+    return parse_config(_read_yaml(path), str(path))
+
+
+class PoolSettings(_Strict):
+    """Where the candidate pool comes from: a CSV with a formula column, or (csv null) the candidates section
+    screened with the MLIP first."""
+
+    csv: str | None = None
+    formula_column: str = "formula"
+    id_column: str | None = None
+
+
+class ObjectiveSettings(_Strict):
+    """A target window on one label, optionally gated by a stability label (``stable`` <= ``stable_max``).
+
+    ``mode: scalar`` optimises one desirability (0 for a hit); ``pareto`` optimises the stability label and
+    the distance to the window as two objectives (qLogNEHVI).
+    """
+
+    target: str
+    low: float = -math.inf
+    high: float = math.inf
+    stable: str | None = None
+    stable_max: float | None = None
+    target_scale: float = Field(default=1.0, gt=0)
+    stable_scale: float = Field(default=0.1, gt=0)
+    mode: Literal["scalar", "pareto"] = "scalar"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveSettings:
+        if self.low > self.high:
+            raise ValueError(f"objective window low={self.low} > high={self.high}")
+        if (self.stable is None) != (self.stable_max is None):
+            raise ValueError("objective.stable and objective.stable_max go together: give both or neither")
+        if self.mode == "pareto" and self.stable is None:
+            raise ValueError("objective.mode: pareto needs a stability label (objective.stable)")
+        return self
+
+
+class OptimizerSettings(_Strict):
+    method: Literal["bo", "bo-hit", "greedy", "random"] = "bo"
+    batch_size: int = Field(default=5, ge=1)
+    n_init: int = Field(default=10, ge=1)
+    init: Literal["diverse", "random"] = "diverse"
+    budget: int = Field(default=100, ge=1, description="evaluations, initial design included")
+    target_hits: int | None = Field(default=None, ge=1, description="stop once this many hits are found")
+
+    @model_validator(mode="after")
+    def _budget_covers_init(self) -> OptimizerSettings:
+        if self.budget < self.n_init:
+            raise ValueError(
+                f"optimizer.budget={self.budget} is smaller than the initial design optimizer.n_init={self.n_init}; "
+                "raise the budget or lower n_init"
+            )
+        return self
+
+
+class OracleSettings(_Strict):
+    """``table``: labels looked up in a CSV (default: the pool CSV), matched by row id or formula;
+    ``mlip``: the screening values (E_form, E_hull); ``dft``: GPAW (not available yet)."""
+
+    kind: Literal["table", "mlip", "dft"] = "table"
+    csv: str | None = None
+
+
+class CampaignConfig(_Strict):
+    name: str = "campaign"
+    seed: int = 0
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    objective: ObjectiveSettings
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    oracle: OracleSettings = Field(default_factory=OracleSettings)
+    candidates: CandidateSettings = Field(default_factory=CandidateSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+    potential: PotentialSpec = Field(default_factory=PotentialSpec)
+    relax: RelaxSettings = Field(default_factory=RelaxSettings)
+    stability: StabilitySettings = Field(default_factory=StabilitySettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-campaign"))
+    output_dir: str = "runs/campaign"
+
+    def screen_config(self) -> ScreenConfig:
+        """The screen that builds a generated pool (same science sections)."""
+        return ScreenConfig(
+            name=f"{self.name}-screen",
+            seed=self.seed,
+            candidates=self.candidates,
+            checks=self.checks,
+            potential=self.potential,
+            relax=self.relax,
+            stability=self.stability,
+            ray=self.ray,
+            tracking=self.tracking,
+            output_dir=str(Path(self.output_dir) / "screen"),
+        )
+
+    flat_params = ScreenConfig.flat_params
+
+
+def parse_campaign_config(data: dict[str, Any], source: str = "config") -> CampaignConfig:
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_campaign_config(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML; :class:`ConfigError` names the file and the bad key."""
+    return parse_campaign_config(_read_yaml(path), str(path))

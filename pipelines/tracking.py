@@ -80,6 +80,27 @@ class Tracker:
         if self.enabled and Path(folder).is_dir() and any(Path(folder).iterdir()):
             self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
 
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow.log_dict(data, artifact_file)
+
+    def log_child_run(
+        self,
+        name: str,
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        documents: dict[str, Any] | None = None,
+    ) -> str | None:
+        """A nested run under this one (e.g. one campaign iteration); returns its id."""
+        if not self.enabled:
+            return None
+        with self._mlflow.start_run(run_name=name, nested=True) as child:
+            self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            for artifact_file, data in (documents or {}).items():
+                self._mlflow.log_dict(data, artifact_file)
+        return child.info.run_id
+
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)

@@ -1,0 +1,354 @@
+"""Descriptors of candidates for the Bayesian-optimisation surrogate: pure functions, offline data only.
+
+Three groups, each a ``dict[str, float]`` so that callers can mix and stack them:
+
+* **composition** (:func:`composition_features`): element properties shipped with pymatgen, aggregated over
+  the formula with atomic fractions as weights (mean, std, min, max, range), plus a few properties of the
+  fractions themselves. Works from the formula alone, so it applies to any labelled pool.
+* **structure** (:func:`structure_features`): volume per atom, density, coordination and nearest-neighbour
+  distances of a (relaxed) structure.
+* **screening** outputs (E_form, E_hull, predicted gap and its sigma) passed in by the caller and combined by
+  :func:`candidate_features`, which takes an explicit ``exclude`` list so that a featuriser never reads the
+  label it is asked to predict.
+
+Missing element data: an element pymatgen knows but that lacks a property (e.g. the ionic radius of a noble gas,
+the melting point of a superheavy element) gets that property's mean over the elements Z = 1..103 that have
+it (:data:`ELEMENT_PROPERTIES` documents each property). Only unparseable formulas and unknown element symbols
+raise :class:`FeatureError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import numpy as np
+from pymatgen.core import Composition, Element, Structure
+
+#: Element properties used by :func:`composition_features` (name -> description with unit).
+ELEMENT_PROPERTIES: Mapping[str, str] = MappingProxyType(
+    {
+        "Z": "atomic number",
+        "mass": "atomic mass, amu",
+        "row": "period in the periodic table",
+        "group": "group 1-18 (lanthanides and actinides: 3)",
+        "mendeleev": "Mendeleev (Pettifor-like) number",
+        "electronegativity": "Pauling electronegativity",
+        "atomic_radius": "empirical atomic radius, Å",
+        "ionic_radius": "average ionic radius over common oxidation states, Å",
+        "melting_point": "melting point of the element, K",
+        "ionization_energy": "first ionisation energy, eV",
+        "electron_affinity": "electron affinity, eV",
+        "molar_volume": "molar volume of the elemental solid, cm^3/mol",
+        "valence_s": "s electrons outside the noble-gas core",
+        "valence_p": "p electrons outside the noble-gas core",
+        "valence_d": "d electrons outside the noble-gas core",
+        "valence_f": "f electrons outside the noble-gas core",
+        "valence": "electrons outside the noble-gas core (s+p+d+f)",
+        "unfilled": "empty states in the partly filled valence s, p, d, f shells",
+    }
+)
+
+#: Statistics of each element property over a composition (weights: atomic fractions).
+STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "range")
+
+#: Properties of the fractions alone (independent of the elements).
+FRACTION_FEATURES: tuple[str, ...] = ("n_elements", "max_fraction", "fraction_l2", "fraction_l3")
+
+#: Elements whose properties define the imputation means (Z = 1..103: all with measured data).
+_IMPUTATION_Z = range(1, 104)
+#: Shell capacities for the "unfilled" count.
+_SHELL_CAPACITY = {"s": 2, "p": 6, "d": 10, "f": 14}
+_ORBITAL = re.compile(r"^(\d+)([spdf])(\d+)$")
+
+
+class FeatureError(ValueError):
+    """A candidate cannot be featurised; the message names the item and the fix."""
+
+
+def _quantity(value: object) -> float:
+    """Float of a pymatgen property (plain number or FloatWithUnit); NaN when absent."""
+    if value is None:
+        return math.nan
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan
+
+
+def _valence_counts(element: Element) -> dict[str, float]:
+    """Electrons per sub-shell outside the noble-gas core, parsed from pymatgen's electronic structure.
+
+    ``"[Ar].3d10.4s2.4p1"`` (Ga) gives s=2, p=1, d=10, f=0; filled d/f shells beyond the core count, as in
+    the Magpie descriptor set. "unfilled" counts empty states of the partly filled shells.
+    """
+    try:
+        text = element.electronic_structure
+    except (KeyError, AttributeError, ValueError):
+        return {key: math.nan for key in ("valence_s", "valence_p", "valence_d", "valence_f", "valence", "unfilled")}
+    counts = {"s": 0, "p": 0, "d": 0, "f": 0}
+    for token in text.split("."):
+        match = _ORBITAL.match(token.strip())
+        if match:  # "[Ar]" core tokens do not match
+            counts[match.group(2)] += int(match.group(3))
+    unfilled = sum(_SHELL_CAPACITY[shell] - n for shell, n in counts.items() if 0 < n < _SHELL_CAPACITY[shell])
+    return {
+        "valence_s": float(counts["s"]),
+        "valence_p": float(counts["p"]),
+        "valence_d": float(counts["d"]),
+        "valence_f": float(counts["f"]),
+        "valence": float(sum(counts.values())),
+        "unfilled": float(unfilled),
+    }
+
+
+def _raw_element_properties(element: Element) -> dict[str, float]:
+    """All :data:`ELEMENT_PROPERTIES` of one element, NaN where pymatgen has no value."""
+
+    def get(attribute: str) -> float:
+        try:
+            return _quantity(getattr(element, attribute))
+        except (KeyError, AttributeError, ValueError, TypeError):
+            return math.nan
+
+    props = {
+        "Z": float(element.Z),
+        "mass": get("atomic_mass"),
+        "row": get("row"),
+        "group": get("group"),
+        "mendeleev": get("mendeleev_no"),
+        "electronegativity": get("X"),
+        "atomic_radius": get("atomic_radius"),
+        "ionic_radius": get("average_ionic_radius"),
+        "melting_point": get("melting_point"),
+        "ionization_energy": get("ionization_energy"),
+        "electron_affinity": get("electron_affinity"),
+        "molar_volume": get("molar_volume"),
+    }
+    if props["ionic_radius"] == 0.0:  # pymatgen's placeholder for "no ionic radius" (noble gases)
+        props["ionic_radius"] = math.nan
+    props.update(_valence_counts(element))
+    return props
+
+
+@functools.cache
+def _element_table() -> Mapping[str, Mapping[str, float]]:
+    """Property table for every element pymatgen knows, with missing values imputed (read-only memo)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns for each missing property
+        raw = {el.symbol: _raw_element_properties(el) for el in Element}
+    means = {}
+    for name in ELEMENT_PROPERTIES:
+        known = [raw[Element.from_Z(z).symbol][name] for z in _IMPUTATION_Z]
+        known = [v for v in known if not math.isnan(v)]
+        means[name] = float(np.mean(known))
+    table = {
+        symbol: MappingProxyType({n: (means[n] if math.isnan(v) else v) for n, v in props.items()})
+        for symbol, props in raw.items()
+    }
+    return MappingProxyType(table)
+
+
+def element_properties(symbol: str) -> Mapping[str, float]:
+    """The :data:`ELEMENT_PROPERTIES` of one element (missing values imputed with the Z = 1..103 mean).
+
+    Raises:
+        FeatureError: ``symbol`` is not an element symbol, naming it.
+    """
+    table = _element_table()
+    if symbol not in table:
+        raise FeatureError(f"{symbol!r} is not an element symbol; use symbols such as 'Ga' or 'As'.")
+    return table[symbol]
+
+
+def parse_composition(formula: str) -> Composition:
+    """Parse a chemical formula into a pymatgen Composition of real elements.
+
+    Raises:
+        FeatureError: the formula is empty, unparseable, has no atoms, or names an unknown element
+            (pymatgen turns unknown symbols into dummy species), naming the formula and the problem.
+    """
+    if not isinstance(formula, str) or not formula.strip():
+        raise FeatureError(f"formula {formula!r} is empty; give a chemical formula such as 'GaAs'.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            comp = Composition(formula)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FeatureError(
+            f"formula {formula!r} cannot be parsed ({exc}); write it like 'SrTiO3' or 'Ga0.5In0.5As'."
+        ) from exc
+    unknown = [getattr(sp, "symbol", str(sp)) for sp in comp.elements if not isinstance(sp, Element)]
+    if unknown:
+        raise FeatureError(
+            f"formula {formula!r} contains unknown element(s) {unknown}; check the symbols' spelling and case."
+        )
+    if comp.num_atoms <= 0:
+        raise FeatureError(f"formula {formula!r} has no atoms; amounts must be positive.")
+    return comp
+
+
+def composition_feature_names() -> list[str]:
+    """Names of :func:`composition_features`, in order: ``"<property>_<statistic>"`` then fraction features."""
+    return [f"{p}_{s}" for p in ELEMENT_PROPERTIES for s in STATISTICS] + list(FRACTION_FEATURES)
+
+
+def composition_features(formula: str) -> dict[str, float]:
+    """Composition descriptors of a formula from offline element data.
+
+    For each property in :data:`ELEMENT_PROPERTIES`: the atomic-fraction-weighted mean and standard deviation,
+    and the min, max and range (max - min) over the elements present, named ``"<property>_<statistic>"``
+    (units as in :data:`ELEMENT_PROPERTIES`). Then :data:`FRACTION_FEATURES`: number of elements, largest atomic
+    fraction, and the L2 and L3 norms of the fractions. Example: GaAs has ``electronegativity_mean`` =
+    (1.81 + 2.18) / 2.
+
+    Raises:
+        FeatureError: unparseable or empty formula, or an unknown element, naming the formula.
+    """
+    comp = parse_composition(formula)
+    amounts = comp.get_el_amt_dict()
+    symbols = sorted(amounts)
+    fractions = np.array([amounts[s] for s in symbols], dtype=float)
+    fractions /= fractions.sum()
+    props = [element_properties(s) for s in symbols]
+    out: dict[str, float] = {}
+    for name in ELEMENT_PROPERTIES:
+        values = np.array([p[name] for p in props], dtype=float)
+        mean = float(fractions @ values)
+        out[f"{name}_mean"] = mean
+        out[f"{name}_std"] = float(np.sqrt(max(fractions @ (values - mean) ** 2, 0.0)))
+        out[f"{name}_min"] = float(values.min())
+        out[f"{name}_max"] = float(values.max())
+        out[f"{name}_range"] = float(values.max() - values.min())
+    out["n_elements"] = float(len(symbols))
+    out["max_fraction"] = float(fractions.max())
+    out["fraction_l2"] = float(np.sum(fractions**2) ** 0.5)
+    out["fraction_l3"] = float(np.sum(fractions**3) ** (1.0 / 3.0))
+    return out
+
+
+def featurize_formulas(
+    formulas: Sequence[str],
+) -> tuple[np.ndarray, list[str], dict[int, str], np.ndarray]:
+    """Composition features of many formulas; bad rows are recorded and skipped, the batch keeps going.
+
+    Returns:
+        ``(X, names, failures, ok_index)``: ``X`` float64 of shape (n_ok, d) in input order of the rows that
+        worked; ``names`` the d column names (:func:`composition_feature_names`); ``failures`` maps the input
+        row index of each failed formula to the reason; ``ok_index`` int64 of shape (n_ok,) gives the input
+        row of each row of ``X`` (``X[i]`` describes ``formulas[ok_index[i]]``).
+    """
+    names = composition_feature_names()
+    rows: list[list[float]] = []
+    ok: list[int] = []
+    failures: dict[int, str] = {}
+    for i, formula in enumerate(formulas):
+        try:
+            feats = composition_features(formula)
+        except FeatureError as exc:
+            failures[i] = str(exc)
+            continue
+        rows.append([feats[n] for n in names])
+        ok.append(i)
+    X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+    return X, names, failures, np.asarray(ok, dtype=np.int64)
+
+
+def structure_features(structure: Structure, shell_tol: float = 0.2, cutoff: float = 6.0) -> dict[str, float]:
+    """Structural descriptors of a (relaxed) periodic structure.
+
+    A neighbour of site i counts towards its coordination when its distance is at most
+    ``(1 + shell_tol) * d_min(i)``, with d_min(i) the site's nearest-neighbour distance (fast, no Voronoi).
+
+    Returns:
+        ``volume_per_atom`` (Å^3/atom), ``density`` (g/cm^3), ``coordination_mean`` and ``coordination_min``
+        (neighbours per site), ``nn_distance_mean`` and ``nn_distance_min`` (Å).
+
+    Raises:
+        FeatureError: the structure is empty or some site has no neighbour within ``cutoff`` Å.
+    """
+    n = len(structure)
+    if n == 0:
+        raise FeatureError("structure has no sites; pass a relaxed structure with atoms.")
+    centers, _, _, distances = structure.get_neighbor_list(r=cutoff)
+    dmin = np.full(n, np.inf)
+    np.minimum.at(dmin, centers, distances)
+    if not np.all(np.isfinite(dmin)):
+        lonely = np.flatnonzero(~np.isfinite(dmin)).tolist()
+        raise FeatureError(
+            f"structure {structure.composition.reduced_formula}: sites {lonely} have no neighbour within "
+            f"{cutoff} Å; raise cutoff or check the cell."
+        )
+    in_shell = distances <= (1.0 + shell_tol) * dmin[centers]
+    coordination = np.bincount(centers[in_shell], minlength=n).astype(float)
+    return {
+        "volume_per_atom": float(structure.volume / n),
+        "density": float(structure.density),
+        "coordination_mean": float(coordination.mean()),
+        "coordination_min": float(coordination.min()),
+        "nn_distance_mean": float(dmin.mean()),
+        "nn_distance_min": float(dmin.min()),
+    }
+
+
+def candidate_features(
+    formula: str,
+    structure: Structure | None = None,
+    screening: Mapping[str, float | None] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, float]:
+    """All descriptors of one candidate: composition, structure (when given) and screening outputs.
+
+    Args:
+        formula: chemical formula of the candidate.
+        structure: relaxed structure; adds :func:`structure_features` prefixed ``"structure_"``.
+        screening: screening outputs such as ``{"e_form": eV/atom, "e_hull": eV/atom, "gap": eV,
+            "gap_sigma": eV}``, added prefixed ``"screen_"``; None values become NaN (impute them when
+            stacking, e.g. with :func:`stack_features`).
+        exclude: labels the surrogate will predict; a feature whose name, or whose name without its
+            ``"structure_"``/``"screen_"`` prefix, is listed is left out, so the featuriser never reads them.
+
+    Raises:
+        FeatureError: as :func:`composition_features` / :func:`structure_features`.
+    """
+    excluded = set(exclude)
+    out = composition_features(formula)
+    if structure is not None:
+        out.update({f"structure_{k}": v for k, v in structure_features(structure).items()})
+    for key, value in (screening or {}).items():
+        out[f"screen_{key}"] = math.nan if value is None else float(value)
+    return {
+        name: value
+        for name, value in out.items()
+        if name not in excluded and re.sub(r"^(structure_|screen_)", "", name) not in excluded
+    }
+
+
+def stack_features(rows: Sequence[Mapping[str, float]]) -> tuple[np.ndarray, list[str]]:
+    """Stack feature dicts into a matrix, aligning columns by name.
+
+    Columns are the union of the keys in first-appearance order; a missing or NaN entry is replaced by its
+    column's mean over the rows that have it.
+
+    Returns:
+        ``(X, names)``: float64 array of shape (len(rows), d) and the d column names.
+
+    Raises:
+        FeatureError: no rows, or a column with no finite value (naming it; drop it or supply values).
+    """
+    if not rows:
+        raise FeatureError("stack_features got no rows; featurise at least one candidate.")
+    names: list[str] = list(dict.fromkeys(k for row in rows for k in row))
+    X = np.array([[float(row.get(n, math.nan)) for n in names] for row in rows], dtype=np.float64)
+    finite = np.isfinite(X)
+    empty = [names[j] for j in np.flatnonzero(~finite.any(axis=0))]
+    if empty:
+        raise FeatureError(f"feature columns {empty} have no finite value in any row; exclude them or supply values.")
+    col_means = np.nanmean(np.where(finite, X, np.nan), axis=0)
+    X = np.where(finite, X, col_means[None, :])
+    return X, names

@@ -1,0 +1,485 @@
+"""A Bayesian-optimisation campaign: pool -> initial design -> (fit, propose q, evaluate on Ray, update)*.
+
+State lives in ``<out>/campaign.sqlite``: each proposal is written before it is evaluated and each label as it
+arrives, so an interrupted campaign resumed with ``--resume`` evaluates what was proposed and then continues
+with exactly the proposals an uninterrupted run would make (proposals are deterministic in the seed, the
+iteration and the data).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from materials.features import featurize_formulas
+from materials.optimize import WindowObjective, initial_design, label_arrays, method_targets, propose_batch
+from pipelines.config import CampaignConfig
+from pipelines.oracles import OracleError, RowOracle, dft_oracle_unavailable
+
+
+class CampaignError(RuntimeError):
+    """The campaign cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class Pool:
+    """The candidates a campaign chooses from: ids, formulas, features (n, d), and the source rows."""
+
+    ids: list[str]
+    formulas: list[str]
+    features: np.ndarray
+    feature_names: list[str]
+    rows: list[dict[str, Any]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV file (``.csv`` or ``.csv.gz``) as dicts."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise CampaignError(f"pool file {path} not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def pool_from_rows(rows: Sequence[Mapping[str, Any]], formula_column: str, id_column: str | None, source: str) -> Pool:
+    """Featurise a pool's formulas (composition only); rows whose formula does not parse are skipped with
+    the reason."""
+    if not rows:
+        raise CampaignError(f"{source}: the pool is empty")
+    columns = list(rows[0])
+    if formula_column not in columns:
+        raise CampaignError(f"{source}: no formula column {formula_column!r}; columns: {', '.join(map(repr, columns))}")
+    if id_column is not None and id_column not in columns:
+        raise CampaignError(f"{source}: no id column {id_column!r}; columns: {', '.join(map(repr, columns))}")
+    ids = [str(r[id_column]) if id_column else f"row{i}" for i, r in enumerate(rows)]
+    if len(set(ids)) != len(ids):
+        raise CampaignError(f"{source}: ids in column {id_column!r} are not unique")
+    formulas = [str(r[formula_column] or "") for r in rows]
+    features, names, failed, ok_index = featurize_formulas(formulas)
+    skipped = [{"id": ids[i], "formula": formulas[i], "reason": reason} for i, reason in sorted(failed.items())]
+    keep = [int(i) for i in ok_index]
+    return Pool(
+        ids=[ids[i] for i in keep],
+        formulas=[formulas[i] for i in keep],
+        features=features,
+        feature_names=names,
+        rows=[dict(rows[i]) for i in keep],
+        skipped=skipped,
+    )
+
+
+class CampaignStore:
+    """SQLite state of one campaign: proposals per iteration, evaluations as they arrive, meta."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS iterations (iteration INTEGER PRIMARY KEY, kind TEXT, proposal TEXT);
+            CREATE TABLE IF NOT EXISTS evaluations (pool_index INTEGER PRIMARY KEY, iteration INTEGER, id TEXT,
+                formula TEXT, status TEXT, failure_reason TEXT, labels TEXT, objective TEXT, hit INTEGER);
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+            """
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._db.commit()
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def add_iteration(self, iteration: int, kind: str, proposal: dict[str, Any]) -> None:
+        self._db.execute("INSERT INTO iterations VALUES (?, ?, ?)", (iteration, kind, json.dumps(proposal)))
+        self._db.commit()
+
+    def iterations(self) -> list[tuple[int, str, dict[str, Any]]]:
+        rows = self._db.execute("SELECT iteration, kind, proposal FROM iterations ORDER BY iteration")
+        return [(it, kind, json.loads(p)) for it, kind, p in rows]
+
+    def add_evaluation(self, record: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record["pool_index"],
+                record["iteration"],
+                record["id"],
+                record["formula"],
+                record["status"],
+                record.get("failure_reason"),
+                json.dumps(record.get("labels", {})),
+                json.dumps(record.get("objective")),
+                int(bool(record.get("hit"))),
+            ),
+        )
+        self._db.commit()
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """Evaluations in the order they were proposed (iteration, then proposal order is restored by caller)."""
+        names = ("pool_index", "iteration", "id", "formula", "status", "failure_reason", "labels", "objective", "hit")
+        out = []
+        for row in self._db.execute(f"SELECT {', '.join(names)} FROM evaluations"):
+            rec = dict(zip(names, row, strict=True))
+            rec["labels"] = json.loads(rec["labels"])
+            rec["objective"] = json.loads(rec["objective"])
+            rec["hit"] = bool(rec["hit"])
+            out.append(rec)
+        return out
+
+
+def objective_from_config(config: CampaignConfig) -> WindowObjective:
+    o = config.objective
+    return WindowObjective(
+        target=o.target,
+        low=o.low,
+        high=o.high,
+        stable=o.stable,
+        stable_max=o.stable_max,
+        target_scale=o.target_scale,
+        stable_scale=o.stable_scale,
+    )
+
+
+def campaign_fingerprint(config: CampaignConfig) -> str:
+    science = config.model_dump(mode="json", exclude={"ray", "tracking", "output_dir", "name"})
+    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CampaignSummary:
+    out_dir: Path
+    n_pool: int
+    n_skipped: int
+    n_evaluated: int
+    n_failed: int
+    n_hits: int
+    iterations: int
+    evaluations_to_target: int | None
+    hits: list[dict[str, Any]]
+    trace: list[int]
+    mlflow_run_id: str | None
+    seconds: float
+
+
+def build_pool_and_oracle(config: CampaignConfig, out: Path):
+    """The pool (CSV or a screened generated pool) and the oracle that labels it."""
+    o = config.objective
+    columns = [o.target] + ([o.stable] if o.stable else [])
+    if config.oracle.kind == "dft":
+        raise dft_oracle_unavailable()
+    if config.pool.csv:
+        rows = read_csv_rows(config.pool.csv)
+        pool = pool_from_rows(rows, config.pool.formula_column, config.pool.id_column, config.pool.csv)
+        if config.oracle.kind == "mlip":
+            raise CampaignError("oracle.kind: mlip labels a generated pool; with pool.csv use oracle.kind: table")
+        label_rows = pool.rows
+        if config.oracle.csv and Path(config.oracle.csv) != Path(config.pool.csv):
+            label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
+        return pool, RowOracle("table", label_rows, columns)
+    from pipelines.screen import run_screen
+
+    if config.oracle.kind == "table":
+        if not config.oracle.csv:
+            raise CampaignError("oracle.kind: table with a generated pool needs oracle.csv (labels by formula)")
+    summary = run_screen(config.screen_config(), out_dir=out / "screen", resume=True, progress=False)
+    rows = [r for r in read_csv_rows(summary.out_dir / "results.csv") if r["status"] == "ok"]
+    pool = pool_from_rows(rows, "formula", "id", str(summary.out_dir / "results.csv"))
+    if config.oracle.kind == "table":
+        label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
+        return pool, RowOracle("table", label_rows, columns)
+    return pool, RowOracle("mlip", pool.rows, columns)
+
+
+def _labels_by_formula(rows: list[dict[str, str]], formula_column: str, pool: Pool) -> list[dict[str, Any]]:
+    from pymatgen.core import Composition
+
+    by_formula: dict[str, dict[str, str]] = {}
+    for row in rows:
+        try:
+            by_formula.setdefault(Composition(row[formula_column]).reduced_formula, row)
+        except Exception:  # an unparseable label row cannot match any pool formula; it is simply not used
+            continue
+    return [by_formula.get(Composition(f).reduced_formula, {}) for f in pool.formulas]
+
+
+def _trace_plot(trace: Sequence[int], random_rate: float | None, path: Path, title: str) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    n = np.arange(1, len(trace) + 1)
+    ax.step(n, trace, where="post", label="this campaign")
+    if random_rate is not None:
+        ax.plot(n, n * random_rate, "k--", label="random search (expected)")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hits found")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> CampaignSummary:
+    """Run or resume a campaign; see the module docstring. Returns its summary."""
+    import ray
+
+    from pipelines.execution import init_ray
+    from pipelines.tracking import Tracker, git_commit
+
+    start = time.perf_counter()
+    out = Path(out_dir or config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = campaign_fingerprint(config)
+    store = CampaignStore(out / "campaign.sqlite")
+    previous = store.get_meta("fingerprint")
+    if previous is not None and previous != fingerprint:
+        store.close()
+        raise CampaignError(f"{out} holds a campaign with different settings; use another --out")
+    if previous is not None and not resume and store.iterations():
+        store.close()
+        raise CampaignError(f"{out} already holds this campaign; pass --resume to continue it or choose another --out")
+    store.set_meta("fingerprint", fingerprint)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    objective = objective_from_config(config)
+    mode = config.objective.mode
+    opt = config.optimizer
+    tracker = None
+    status = "FAILED"
+    started_ray = False
+    try:
+        started_ray = init_ray(config.ray)
+        pool, oracle = build_pool_and_oracle(config, out)
+        if len(pool.ids) < opt.n_init:
+            raise CampaignError(f"the pool has {len(pool.ids)} usable rows, fewer than optimizer.n_init={opt.n_init}")
+        tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
+        store.set_meta("mlflow_run_id", tracker.run_id)
+        tracker.log_params(config.flat_params())
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(),
+                "oracle": oracle.kind,
+                "method": opt.method,
+                "objective_mode": mode,
+                "n_pool": len(pool.ids),
+                "n_skipped": len(pool.skipped),
+            }
+        )
+        if pool.skipped:
+            tracker.log_dict(pool.skipped, "skipped_pool_rows.json")
+            (out / "skipped_pool_rows.json").write_text(json.dumps(pool.skipped, indent=1))
+
+        done = {rec["pool_index"]: rec for rec in store.evaluations()}
+        order: list[int] = []
+        for _, _, proposal in store.iterations():
+            order.extend(proposal["indices"])
+
+        def evaluate(indices: list[int], iteration: int) -> None:
+            todo = [i for i in indices if i not in done]
+            for index, result in oracle.evaluate(todo):
+                labels = result.get("labels", {})
+                ok = result["status"] == "ok"
+                rec = {
+                    "pool_index": index,
+                    "iteration": iteration,
+                    "id": pool.ids[index],
+                    "formula": pool.formulas[index],
+                    "status": result["status"],
+                    "failure_reason": result.get("failure_reason"),
+                    "labels": labels,
+                    "objective": objective.desirability(labels) if ok else None,
+                    "hit": ok and objective.is_hit(labels),
+                }
+                store.add_evaluation(rec)
+                done[index] = rec
+
+        # finish an iteration that was proposed but not fully evaluated when the last run stopped
+        iterations = store.iterations()
+        if iterations:
+            last_it, _, last_prop = iterations[-1]
+            evaluate(last_prop["indices"], last_it)
+        iteration = len(iterations)
+        if iteration == 0:
+            indices = initial_design(pool.features, opt.n_init, seed=config.seed, method=opt.init)
+            store.add_iteration(0, "initial", {"indices": [int(i) for i in indices]})
+            order.extend(int(i) for i in indices)
+            evaluate(list(indices), 0)
+            _log_iteration(tracker, 0, "initial", {"indices": list(indices)}, order, done, pool)
+            iteration = 1
+
+        def n_hits() -> int:
+            return sum(1 for i in order if done[i]["hit"])
+
+        method = "bo-pareto" if (opt.method == "bo" and mode == "pareto") else opt.method
+        while len(order) < opt.budget and (opt.target_hits is None or n_hits() < opt.target_hits):
+            ok_idx = [i for i in order if done[i]["status"] == "ok"]
+            failed_idx = [i for i in order if done[i]["status"] != "ok"]
+            if not ok_idx:
+                raise CampaignError("every evaluation so far failed: see evaluations.csv for the reasons")
+            y = method_targets(method, objective, label_arrays([done[i]["labels"] for i in ok_idx], objective))
+            if failed_idx:
+                # a failed candidate is never proposed again and counts as the worst candidate observed so far
+                worst = int(np.argmin([done[i]["objective"] for i in ok_idx]))
+                y = np.concatenate([y, np.repeat(y[worst : worst + 1], len(failed_idx), axis=0)])
+            q = min(opt.batch_size, opt.budget - len(order), len(pool.ids) - len(order))
+            if q <= 0:
+                break
+            proposal = propose_batch(
+                pool.features,
+                evaluated=ok_idx + failed_idx,
+                y=y,
+                q=q,
+                method=method,
+                seed=config.seed * 100_003 + iteration,
+                objective=objective,
+            )
+            prop = proposal.as_dict()
+            store.add_iteration(iteration, method, prop)
+            order.extend(int(i) for i in proposal.indices)
+            evaluate([int(i) for i in proposal.indices], iteration)
+            _log_iteration(tracker, iteration, method, prop, order, done, pool)
+            iteration += 1
+
+        trace, hits_so_far = [], 0
+        for i in order:
+            hits_so_far += int(done[i]["hit"])
+            trace.append(hits_so_far)
+        to_target = None
+        if opt.target_hits is not None and hits_so_far >= opt.target_hits:
+            to_target = trace.index(opt.target_hits) + 1
+        random_rate = _pool_hit_rate(oracle, objective, pool) if oracle.kind in ("table", "mlip") else None
+        _write_results(out / "evaluations.csv", order, done, oracle.label_columns())
+        plot = _trace_plot(trace, random_rate, out / "bo_trace.png", f"{config.name}: {opt.method}")
+        tracker.log_artifact(out / "evaluations.csv")
+        tracker.log_artifact(plot)
+        tracker.log_artifact(out / "config.yaml")
+        n_failed = sum(1 for i in order if done[i]["status"] != "ok")
+        tracker.log_metrics(
+            {
+                "n_evaluated": len(order),
+                "n_hits": hits_so_far,
+                "n_failed": n_failed,
+                "evaluations_to_target": to_target or -1,
+            }
+        )
+        status = "FINISHED"
+        hits = [
+            {"id": done[i]["id"], "formula": done[i]["formula"], **done[i]["labels"]} for i in order if done[i]["hit"]
+        ]
+        return CampaignSummary(
+            out,
+            len(pool.ids),
+            len(pool.skipped),
+            len(order),
+            n_failed,
+            hits_so_far,
+            iteration,
+            to_target,
+            hits,
+            trace,
+            tracker.run_id,
+            time.perf_counter() - start,
+        )
+    except OracleError as exc:
+        raise CampaignError(str(exc)) from None
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+        store.close()
+        if started_ray:
+            ray.shutdown()
+
+
+def _pool_hit_rate(oracle: RowOracle, objective: WindowObjective, pool: Pool) -> float | None:
+    """Fraction of hits in the whole pool when every label is known (table/mlip): random search's rate."""
+    columns = oracle.label_columns()
+    hits = 0
+    for row in oracle._rows:
+        try:
+            labels = {c: float(row[c]) for c in columns}
+        except (KeyError, TypeError, ValueError):
+            continue
+        hits += int(objective.is_hit(labels))
+    return hits / len(pool.ids) if pool.ids else None
+
+
+def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> None:
+    new = proposal["indices"]
+    ok_values = [done[i]["objective"] for i in order if done[i]["status"] == "ok"]
+    metrics = {
+        "n_evaluated": len(order),
+        "hits": sum(1 for i in order if done[i]["hit"]),
+        "best_so_far": max(ok_values) if ok_values else math.nan,
+        "batch_hits": sum(1 for i in new if done[i]["hit"]),
+    }
+    acq = proposal.get("acquisition_values") or []
+    if acq:
+        metrics["acquisition_max"] = max(acq)
+        metrics["acquisition_mean"] = float(np.mean(acq))
+    for key, value in (proposal.get("model_info") or {}).items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            metrics[f"gp_{key}"] = value
+    labels = [
+        {
+            "id": done[i]["id"],
+            "formula": done[i]["formula"],
+            "status": done[i]["status"],
+            "labels": done[i]["labels"],
+            "hit": done[i]["hit"],
+        }
+        for i in new
+    ]
+    tracker.log_metrics({"hits": metrics["hits"], "n_evaluated": len(order)}, step=iteration)
+    tracker.log_child_run(
+        f"iteration-{iteration:03d}",
+        params={"iteration": iteration, "kind": kind, "proposals": ",".join(pool.ids[i] for i in new)},
+        metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+        documents={"proposal.json": proposal, "labels.json": labels},
+    )
+
+
+def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], columns: Sequence[str]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["order", "iteration", "id", "formula", "status", "failure_reason", *columns, "objective", "hit"]
+        )
+        for n, i in enumerate(order, 1):
+            rec = done[i]
+            objective = "" if rec["objective"] is None else rec["objective"]
+            writer.writerow(
+                [
+                    n,
+                    rec["iteration"],
+                    rec["id"],
+                    rec["formula"],
+                    rec["status"],
+                    rec["failure_reason"] or "",
+                    *(rec["labels"].get(c, "") for c in columns),
+                    objective,
+                    int(rec["hit"]),
+                ]
+            )

@@ -1,0 +1,274 @@
+"""``semidisc dft``: GPAW calculations as Ray tasks, written as they finish, resumable, tracked in MLflow.
+
+Inputs: structure files (``--structures DIR|FILE``) or the K most stable candidates of a screen
+(``--from-run OUT --top K``). Elemental references (same settings) are computed first, one task per element,
+and cached in ``<out>/dft_references``; then each structure is relaxed and/or gets a band gap.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from materials.dft import DFTSettings
+from materials.structures import load_structure_dir, read_structure
+from pipelines.config import ConfigError, RaySettings, TrackingSettings, _format_errors, _read_yaml, _Strict
+
+#: Columns of dft_results.csv (energies eV/atom, lengths Å, volumes Å^3/atom, gaps eV).
+DFT_COLUMNS = (
+    "id",
+    "formula",
+    "task",
+    "status",
+    "failure_reason",
+    "n_atoms",
+    "energy_per_atom",
+    "e_form_per_atom",
+    "a",
+    "b",
+    "c",
+    "volume_per_atom",
+    "band_gap",
+    "gap_direct",
+    "vbm",
+    "cbm",
+    "converged",
+    "max_force",
+    "n_scf_iterations",
+    "ionic_steps",
+    "seconds",
+    "log_path",
+    "settings_hash",
+)
+
+
+class DFTConfig(_Strict):
+    name: str = "dft"
+    dft: DFTSettings = Field(default_factory=DFTSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-dft"))
+
+
+def load_dft_config(path: str | Path | None) -> DFTConfig:
+    if path is None:
+        return DFTConfig()
+    from pydantic import ValidationError
+
+    try:
+        return DFTConfig.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None
+
+
+@dataclass
+class DFTItem:
+    id: str
+    source: str
+    structure: dict[str, Any] | None
+    error: str | None = None
+
+
+def items_from_inputs(structures: str | None, from_run: str | None, top: int | None) -> list[DFTItem]:
+    """Structures to compute: files, or the ``top`` lowest-E_hull ok candidates of a screen output folder."""
+    if structures:
+        path = Path(structures)
+        if path.is_file():
+            return [DFTItem(path.stem, str(path), read_structure(path).as_dict())]
+        return [
+            DFTItem(e.id, e.source, e.structure.as_dict() if e.structure else None, e.error)
+            for e in load_structure_dir(path)
+        ]
+    if not from_run:
+        raise ValueError("give --structures DIR|FILE or --from-run SCREEN_OUT --top K")
+    run = Path(from_run)
+    results = run / "results.csv"
+    if not results.is_file():
+        raise FileNotFoundError(f"--from-run {run}: no results.csv (give a screen's --out folder)")
+    rows = [r for r in csv.DictReader(results.open()) if r["status"] == "ok" and r["e_above_hull"] not in ("", None)]
+    rows.sort(key=lambda r: (float(r["e_above_hull"]), r["id"]))
+    out = []
+    for row in rows[: top or 5]:
+        cif = run / "structures" / f"{row['id']}.cif"
+        if cif.is_file():
+            out.append(DFTItem(row["id"], str(cif), read_structure(cif).as_dict()))
+        else:
+            out.append(DFTItem(row["id"], str(cif), None, f"relaxed structure {cif} not found"))
+    return out
+
+
+def _dft_task(item: DFTItem, settings: DFTSettings, do_relax: bool, do_gap: bool, log_dir: str, ref_dir: str):
+    """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict()."""
+    from pymatgen.core import Structure
+
+    from materials import dft
+
+    structure = Structure.from_dict(item.structure)
+    log = Path(log_dir) / f"{item.id}.txt"
+    if do_relax:
+        result = dft.relax(structure, settings, item_id=item.id, log_path=log)
+        if result.status == "ok" and do_gap:
+            gap = dft.band_gap(
+                result.structure, settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt")
+            )
+            if gap.status == "ok":
+                for key in ("band_gap", "direct_gap", "gap_direct", "vbm", "cbm", "fermi_level"):
+                    setattr(result, key, getattr(gap, key))
+            else:
+                result.notes.append(f"band gap failed: {gap.failure_reason}")
+    elif do_gap:
+        result = dft.band_gap(structure, settings, item_id=item.id, log_path=log)
+    else:
+        result = dft.single_point(structure, settings, item_id=item.id, log_path=log)
+    if result.status == "ok":
+        try:
+            result.e_form_per_atom = dft.formation_energy_per_atom(result, settings, ref_dir)
+        except (ValueError, dft.DFTReferenceError) as exc:
+            result.notes.append(f"no formation energy: {exc}")
+    return result.as_dict()
+
+
+def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, str | None]:
+    from materials import dft
+
+    try:
+        dft.elemental_reference_energy(symbol, settings, ref_dir)
+        return symbol, None
+    except dft.DFTReferenceError as exc:
+        return symbol, str(exc)
+
+
+class DFTStore:
+    """``<out>/dft_results.sqlite``: one JSON record per id, committed as each arrives."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, record TEXT)")
+        self._db.commit()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (record["id"], json.dumps(record)))
+        self._db.commit()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self._db.execute("SELECT record FROM results ORDER BY id")]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return value
+
+
+def run_dft(
+    config: DFTConfig,
+    structures: str | None = None,
+    from_run: str | None = None,
+    top: int | None = None,
+    relax: bool = False,
+    bandgap: bool = False,
+    out_dir: str | Path = "runs/dft",
+) -> dict[str, Any]:
+    """Run (or resume: finished ids are skipped) the calculations; returns a summary dict."""
+    import ray
+
+    from pipelines.execution import init_ray
+    from pipelines.tracking import Tracker, git_commit
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    ref_dir = out / "dft_references"
+    ref_dir.mkdir(exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    items = items_from_inputs(structures, from_run, top)
+    store = DFTStore(out / "dft_results.sqlite")
+    done = {r["id"] for r in store.records()}
+    for item in items:
+        if item.structure is None and item.id not in done:
+            store.write(
+                {
+                    "id": item.id,
+                    "formula": None,
+                    "task": "input",
+                    "status": "failed",
+                    "failure_reason": f"rejected: {item.error}",
+                }
+            )
+    todo = [it for it in items if it.structure is not None and it.id not in done]
+    tracker = Tracker(config.tracking, run_name=config.name)
+    started = False
+    status = "FAILED"
+    try:
+        started = init_ray(config.ray)
+        tracker.log_params(
+            {f"dft.{k}": v for k, v in config.dft.__dict__.items()}
+            | {"relax": relax, "bandgap": bandgap, "n_items": len(items)}
+        )
+        tracker.set_tags({"git_commit": git_commit()})
+        from pymatgen.core import Structure
+
+        symbols = sorted({el.symbol for it in todo for el in Structure.from_dict(it.structure).composition.elements})
+        ref_task = ray.remote(num_cpus=1)(_reference_task)
+        ref_errors = dict(ray.get([ref_task.remote(s, config.dft, str(ref_dir)) for s in symbols]))
+        task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
+        refs = {task.remote(it, config.dft, relax, bandgap, str(out / "logs"), str(ref_dir)): it for it in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            item = refs[ready[0]]
+            try:
+                record = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                record = {
+                    "id": item.id,
+                    "formula": None,
+                    "task": "dft",
+                    "status": "failed",
+                    "failure_reason": f"task error: {str(exc).splitlines()[0][:300]}",
+                }
+            store.write(record)
+            print(f"  {record['id']}: {record['status']} {record.get('failure_reason') or ''}".rstrip(), flush=True)
+        records = store.records()
+        csv_path = out / "dft_results.csv"
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(DFT_COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            for rec in records:
+                writer.writerow({k: _csv_value(rec.get(k)) for k in DFT_COLUMNS})
+        n_ok = sum(r["status"] == "ok" for r in records)
+        tracker.log_metrics(
+            {
+                "n_items": len(records),
+                "n_ok": n_ok,
+                "n_failed": len(records) - n_ok,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        tracker.log_artifact(csv_path)
+        tracker.log_artifacts(out / "logs", "gpaw_logs")
+        status = "FINISHED"
+        return {
+            "out_dir": out,
+            "n_items": len(records),
+            "n_ok": n_ok,
+            "records": records,
+            "reference_errors": {k: v for k, v in ref_errors.items() if v},
+            "mlflow_run_id": tracker.run_id,
+        }
+    finally:
+        tracker.end(status)
+        store.close()
+        if started:
+            ray.shutdown()

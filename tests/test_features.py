@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from materials.features import (
+    ELEMENT_PROPERTIES,
+    FeatureError,
+    candidate_features,
+    composition_feature_names,
+    composition_features,
+    element_properties,
+    featurize_formulas,
+    stack_features,
+    structure_features,
+)
+
+
+def test_gaas_statistics_are_exact():
+    f = composition_features("GaAs")
+    assert f["electronegativity_mean"] == pytest.approx((1.81 + 2.18) / 2, abs=1e-12)
+    assert f["electronegativity_min"] == pytest.approx(1.81)
+    assert f["electronegativity_max"] == pytest.approx(2.18)
+    assert f["electronegativity_range"] == pytest.approx(0.37)
+    assert f["electronegativity_std"] == pytest.approx(0.185)  # two equal fractions: half the range
+    assert f["Z_mean"] == pytest.approx(32.0)
+    # Ga [Ar]3d10 4s2 4p1 and As [Ar]3d10 4s2 4p3: 13 and 15 valence electrons
+    assert f["valence_mean"] == pytest.approx(14.0)
+    assert f["valence_p_min"] == 1.0 and f["valence_p_max"] == 3.0
+    assert f["unfilled_mean"] == pytest.approx((5 + 3) / 2)  # 6 - 1 and 6 - 3 empty p states
+    assert f["n_elements"] == 2.0 and f["max_fraction"] == 0.5
+    assert list(f) == composition_feature_names()
+
+
+def test_srtio3_fraction_weighting():
+    f = composition_features("SrTiO3")
+    assert f["electronegativity_mean"] == pytest.approx((0.95 + 1.54 + 3 * 3.44) / 5)
+    assert f["row_mean"] == pytest.approx((5 + 4 + 3 * 2) / 5)
+    assert f["max_fraction"] == pytest.approx(0.6)
+    assert f["fraction_l2"] == pytest.approx(math.sqrt(0.04 + 0.04 + 0.36))
+    # reduced and unreduced formulas describe the same composition
+    assert composition_features("Sr2Ti2O6") == pytest.approx(f)
+    assert all(math.isfinite(v) for v in f.values())
+
+
+def test_unparseable_and_empty_formulas_name_the_formula():
+    with pytest.raises(FeatureError, match=r"'Ga\(\('"):
+        composition_features("Ga((")
+    with pytest.raises(FeatureError, match="empty"):
+        composition_features("  ")
+
+
+def test_unknown_element_is_named():
+    with pytest.raises(FeatureError, match=r"unknown element.*'Xx'"):
+        composition_features("Xx2O3")
+    with pytest.raises(FeatureError, match="'Qq'"):
+        element_properties("Qq")
+
+
+def test_missing_properties_are_imputed():
+    he = element_properties("He")  # no electronegativity, no ionic radius in pymatgen
+    assert all(math.isfinite(he[name]) for name in ELEMENT_PROPERTIES)
+    assert he["ionic_radius"] == element_properties("Ne")["ionic_radius"]  # both take the same mean
+
+
+def test_featurize_formulas_keeps_going_past_bad_rows():
+    X, names, failures, ok_index = featurize_formulas(["GaAs", "Ga((", "Xx2O3", "SrTiO3", ""])
+    assert X.shape == (2, len(names)) and X.dtype == np.float64
+    assert ok_index.tolist() == [0, 3]
+    assert sorted(failures) == [1, 2, 4]
+    assert "Ga((" in failures[1] and "Xx" in failures[2]
+    np.testing.assert_allclose(X[1], [composition_features("SrTiO3")[n] for n in names])
+
+
+def test_structure_features_of_zincblende_gaas():
+    gaas = AseAtomsAdaptor.get_structure(bulk("GaAs", "zincblende", a=5.653))
+    f = structure_features(gaas)
+    assert f["volume_per_atom"] == pytest.approx(5.653**3 / 8)
+    assert f["density"] == pytest.approx(5.32, abs=0.02)  # g/cm^3, experiment 5.32
+    assert f["coordination_mean"] == 4.0 and f["coordination_min"] == 4.0
+    assert f["nn_distance_min"] == pytest.approx(5.653 * math.sqrt(3) / 4)
+
+
+def test_candidate_features_never_read_excluded_labels():
+    screening = {"e_form": -0.35, "e_hull": 0.0, "gap": 1.2, "gap_sigma": None}
+    f = candidate_features("GaAs", screening=screening, exclude=["gap", "screen_e_hull"])
+    assert "screen_gap" not in f and "screen_e_hull" not in f
+    assert f["screen_e_form"] == -0.35 and math.isnan(f["screen_gap_sigma"])
+    assert f["electronegativity_mean"] == composition_features("GaAs")["electronegativity_mean"]
+
+
+def test_stack_features_aligns_and_imputes():
+    X, names = stack_features([{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": math.nan}, {"b": 6.0, "c": 1.0}])
+    assert names == ["a", "b", "c"]
+    np.testing.assert_allclose(X, [[1.0, 2.0, 1.0], [3.0, 4.0, 1.0], [2.0, 6.0, 1.0]])
+    with pytest.raises(FeatureError, match=r"\['z'\]"):
+        stack_features([{"z": math.nan}])
