@@ -37,6 +37,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/screen_overhead.py
+	$(PY) benchmarks/bo_perovskites.py
+	$(PY) benchmarks/dft_gaps.py
 
 lint: setup
 	$(VENV)/bin/ruff check materials pipelines tests benchmarks scripts
