@@ -25,7 +25,7 @@ import yaml
 from materials.features import featurize_formulas
 from materials.optimize import WindowObjective, initial_design, label_arrays, method_targets, propose_batch
 from pipelines.config import CampaignConfig
-from pipelines.oracles import OracleError, RowOracle, dft_oracle_unavailable
+from pipelines.oracles import DFTOracle, OracleError, RowOracle
 
 
 class CampaignError(RuntimeError):
@@ -187,9 +187,9 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
     """The pool (CSV or a screened generated pool) and the oracle that labels it."""
     o = config.objective
     columns = [o.target] + ([o.stable] if o.stable else [])
-    if config.oracle.kind == "dft":
-        raise dft_oracle_unavailable()
     if config.pool.csv:
+        if config.oracle.kind == "dft":
+            raise CampaignError("oracle.kind: dft needs structures: use a generated pool (pool.csv: null)")
         rows = read_csv_rows(config.pool.csv)
         pool = pool_from_rows(rows, config.pool.formula_column, config.pool.id_column, config.pool.csv)
         if config.oracle.kind == "mlip":
@@ -209,6 +209,10 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
     if config.oracle.kind == "table":
         label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
         return pool, RowOracle("table", label_rows, columns)
+    if config.oracle.kind == "dft":
+        files = [str(summary.out_dir / "structures" / f"{pid}.cif") for pid in pool.ids]
+        oracle = DFTOracle(pool.rows, files, columns, config.dft, config.oracle.relax, out / "dft")
+        return pool, oracle
     return pool, RowOracle("mlip", pool.rows, columns)
 
 
@@ -370,7 +374,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
         to_target = None
         if opt.target_hits is not None and hits_so_far >= opt.target_hits:
             to_target = trace.index(opt.target_hits) + 1
-        random_rate = _pool_hit_rate(oracle, objective, pool) if oracle.kind in ("table", "mlip") else None
+        random_rate = _pool_hit_rate(oracle, objective, pool) if isinstance(oracle, RowOracle) else None
         _write_results(out / "evaluations.csv", order, done, oracle.label_columns())
         plot = _trace_plot(trace, random_rate, out / "bo_trace.png", f"{config.name}: {opt.method}")
         tracker.log_artifact(out / "evaluations.csv")

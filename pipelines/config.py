@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from materials.dft import DFTSettings
 from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
@@ -186,10 +187,12 @@ class OptimizerSettings(_Strict):
 
 class OracleSettings(_Strict):
     """``table``: labels looked up in a CSV (default: the pool CSV), matched by row id or formula;
-    ``mlip``: the screening values (E_form, E_hull); ``dft``: GPAW (not available yet)."""
+    ``mlip``: the screening values (E_form, E_hull); ``dft``: GPAW on each candidate's MLIP-relaxed structure
+    (labels ``band_gap``, ``dft_e_form_per_atom``, ...; other columns from the screen, e.g. ``e_above_hull``)."""
 
     kind: Literal["table", "mlip", "dft"] = "table"
     csv: str | None = None
+    relax: bool = Field(default=False, description="dft: relax with GPAW before the band gap (else MLIP geometry)")
 
 
 class CampaignConfig(_Strict):
@@ -204,6 +207,7 @@ class CampaignConfig(_Strict):
     potential: PotentialSpec = Field(default_factory=PotentialSpec)
     relax: RelaxSettings = Field(default_factory=RelaxSettings)
     stability: StabilitySettings = Field(default_factory=StabilitySettings)
+    dft: DFTSettings = Field(default_factory=DFTSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-campaign"))
     output_dir: str = "runs/campaign"

@@ -2,7 +2,7 @@
 
 * ``table``: labels looked up in a labelled CSV (benchmarking a campaign at no cost);
 * ``mlip``: the MLIP screening values (E_form, E_hull) of a generated pool;
-* ``dft``: GPAW DFT — the seam for the DFT engine (``materials/dft.py``, not built yet).
+* ``dft``: GPAW DFT on the candidates' structures (``materials/dft.py``), one Ray task each.
 
 ``evaluate`` runs each item as a Ray task and yields ``(pool_index, record)`` as results arrive, so the
 campaign writes each label the moment it exists. A record holds ``status`` (``ok``/``failed``),
@@ -83,9 +83,83 @@ class RowOracle:
                 yield index, {"status": "failed", "failure_reason": f"oracle task failed: {exc}", "labels": {}}
 
 
-def dft_oracle_unavailable() -> OracleError:
-    """The seam for the GPAW oracle: a clear message until materials/dft.py exists."""
-    return OracleError(
-        "oracle.kind: dft needs the GPAW DFT engine (materials/dft.py), which is not part of this version; "
-        "use oracle.kind: table (a labelled CSV) or mlip (the screening values) for now"
-    )
+#: Labels the DFT oracle computes (eV; eV/atom; Å^3/atom); any other objective column comes from the pool row.
+DFT_LABELS = ("band_gap", "dft_e_form_per_atom", "dft_energy_per_atom", "dft_volume_per_atom")
+
+
+class DFTOracle:
+    """GPAW on each proposed candidate's (MLIP-relaxed) structure, one Ray task per candidate: optional DFT
+    relaxation, the PBE band gap when the objective asks for ``band_gap``, and the formation energy against
+    elemental references with identical settings (cached in ``<work_dir>/dft_references``). Columns the DFT
+    does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row."""
+
+    kind = "dft"
+
+    def __init__(self, rows, structure_files, columns, settings, relax: bool, work_dir):
+        from pathlib import Path
+
+        available = sorted(set(DFT_LABELS) | {k for row in rows[:50] for k in row})
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise OracleError(
+                f"the objective names column(s) {', '.join(repr(c) for c in missing)} that the dft oracle "
+                f"does not have; available columns: {', '.join(repr(c) for c in available)}"
+            )
+        self._rows = rows
+        self._files = list(structure_files)
+        self._columns = list(columns)
+        self._settings = settings
+        self._relax = relax
+        self._work = Path(work_dir)
+        (self._work / "logs").mkdir(parents=True, exist_ok=True)
+        (self._work / "dft_references").mkdir(parents=True, exist_ok=True)
+
+    def label_columns(self) -> list[str]:
+        return list(self._columns)
+
+    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        from materials.structures import read_structure
+        from pipelines.dft_run import DFTItem, _dft_task
+
+        task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
+        want_gap = "band_gap" in self._columns
+        refs = {}
+        for i in indices:
+            item = DFTItem(str(self._rows[i].get("id", i)), self._files[i], read_structure(self._files[i]).as_dict())
+            ref = task.remote(
+                item,
+                self._settings,
+                self._relax,
+                want_gap,
+                str(self._work / "logs"),
+                str(self._work / "dft_references"),
+            )
+            refs[ref] = i
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            index = refs[done[0]]
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayError as exc:
+                yield index, {"status": "failed", "failure_reason": f"dft task failed: {exc}", "labels": {}}
+                continue
+            computed = {
+                "band_gap": result.get("band_gap"),
+                "dft_e_form_per_atom": result.get("e_form_per_atom"),
+                "dft_energy_per_atom": result.get("energy_per_atom"),
+                "dft_volume_per_atom": result.get("volume_per_atom"),
+            }
+            labels = {c: _to_float(computed[c] if c in computed else self._rows[index].get(c)) for c in self._columns}
+            if result["status"] != "ok":
+                yield (
+                    index,
+                    {"status": "failed", "failure_reason": f"dft: {result['failure_reason']}", "labels": labels},
+                )
+                continue
+            missing = [c for c, v in labels.items() if not math.isfinite(v)]
+            if missing:
+                reason = f"dft gave no {', '.join(missing)} ({'; '.join(result.get('notes') or []) or 'see log'})"
+                yield index, {"status": "failed", "failure_reason": reason, "labels": labels}
+                continue
+            yield index, {"status": "ok", "failure_reason": None, "labels": labels}

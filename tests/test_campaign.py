@@ -118,5 +118,30 @@ def test_bad_campaign_input(pool_csv, tmp_path):
         run_campaign(bad, out_dir=tmp_path / "bad")
     dft = config_for(pool_csv, tmp_path).model_copy(deep=True)
     dft.oracle.kind = "dft"
-    with pytest.raises(Exception, match="GPAW"):
+    with pytest.raises(CampaignError, match="dft needs structures"):
         run_campaign(dft, out_dir=tmp_path / "dft")
+
+
+def test_dft_oracle_campaign_on_a_screened_pool(tmp_path):
+    """MLIP screen builds the pool; GPAW band gaps are the expensive labels; MLIP E_hull is the gate."""
+    pytest.importorskip("gpaw")
+    config = parse_campaign_config(
+        {
+            "name": "dft-campaign",
+            "candidates": {"prototypes": {"zincblende": [["Al", "Ga"], ["P", "As"]]}},
+            "objective": {"target": "band_gap", "low": 1.0, "high": 3.0, "stable": "e_above_hull", "stable_max": 0.1},
+            "optimizer": {"method": "bo", "batch_size": 1, "n_init": 2, "budget": 3},
+            "oracle": {"kind": "dft"},
+            "dft": {"ecut": 250, "kpts": [3, 3, 3]},
+            "ray": {"num_cpus": 2, "num_workers": 1},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "dft-campaign"},
+        }
+    )
+    summary = run_campaign(config, out_dir=tmp_path / "out")
+    rows = read_evaluations(tmp_path / "out")
+    assert summary.n_pool == 4 and len(rows) == 3
+    assert all(r["status"] == "ok" for r in rows), rows
+    gaps = {r["formula"]: float(r["band_gap"]) for r in rows}
+    # PBE gaps at low settings: all four are semiconductors with gaps between ~0.3 and ~2.5 eV
+    assert all(0.2 < g < 3.0 for g in gaps.values()), gaps
+    assert (tmp_path / "out" / "dft" / "dft_references").is_dir()
