@@ -173,7 +173,9 @@ def parse_composition(formula: str) -> Composition:
         FeatureError: the formula is empty, unparseable, has no atoms, or names an unknown element
             (pymatgen turns unknown symbols into dummy species), naming the formula and the problem.
     """
-    if not isinstance(formula, str) or not formula.strip():
+    if not isinstance(formula, str):
+        raise FeatureError(f"formula {formula!r} is not text; give a chemical formula such as 'GaAs'.")
+    if not formula.strip():
         raise FeatureError(f"formula {formula!r} is empty; give a chemical formula such as 'GaAs'.")
     try:
         with warnings.catch_warnings():

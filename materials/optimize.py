@@ -237,18 +237,26 @@ def label_arrays(
 ) -> dict[str, np.ndarray]:
     """The objective's label columns as float arrays of shape (n,), from rows of mappings or named columns.
 
+    ``labels`` may be a sequence of per-candidate mappings, a mapping of column name to values, or a pandas
+    DataFrame.
+
     Raises:
         OptimizationError: a needed column is missing (listing the available ones) or a value is not finite
             (naming the row).
     """
-    if isinstance(labels, Mapping):
-        objective.check_columns(list(labels))
-        out = {c: np.asarray(labels[c], dtype=float).reshape(-1) for c in objective.columns}
-    else:
-        rows = list(labels)
-        if rows:
-            objective.check_columns(list(rows[0]))
-        out = {c: np.array([float(r[c]) for r in rows], dtype=float) for c in objective.columns}
+    named = isinstance(labels, Mapping) or hasattr(labels, "columns")  # named columns, a pandas DataFrame too
+    rows = [] if named else list(labels)  # type: ignore[arg-type]
+    objective.check_columns(list(labels) if named else (list(rows[0]) if rows else []))
+    out = {}
+    for c in objective.columns:
+        try:
+            values = labels[c] if named else [r[c] for r in rows]  # type: ignore[index, call-overload]
+            out[c] = np.asarray(values, dtype=float).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise OptimizationError(
+                f"label column {c!r} has non-numeric values ({exc}); convert it (e.g. pandas.to_numeric with "
+                "errors='coerce') and drop the rows that fail."
+            ) from exc
     lengths = {c: len(v) for c, v in out.items()}
     if len(set(lengths.values())) > 1:
         raise OptimizationError(f"label columns differ in length: {lengths}; give one value per candidate.")

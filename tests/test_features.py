@@ -68,10 +68,10 @@ def test_missing_properties_are_imputed():
 
 
 def test_featurize_formulas_keeps_going_past_bad_rows():
-    X, names, failures, ok_index = featurize_formulas(["GaAs", "Ga((", "Xx2O3", "SrTiO3", ""])
+    X, names, failures, ok_index = featurize_formulas(["GaAs", "Ga((", "Xx2O3", "SrTiO3", "", float("nan")])
     assert X.shape == (2, len(names)) and X.dtype == np.float64
     assert ok_index.tolist() == [0, 3]
-    assert sorted(failures) == [1, 2, 4]
+    assert sorted(failures) == [1, 2, 4, 5]
     assert "Ga((" in failures[1] and "Xx" in failures[2]
     np.testing.assert_allclose(X[1], [composition_features("SrTiO3")[n] for n in names])
 

@@ -247,3 +247,15 @@ def test_simulated_campaign_bad_input():
     bad = dict(labels, gap=np.where(np.arange(225) == 7, np.nan, labels["gap"]))
     with pytest.raises(OptimizationError, match=r"rows \[7\]"):
         simulate_campaign(X, bad, PV, "random", 2, 4, 0)
+    text = dict(labels, e_hull=["-" if i == 3 else str(v) for i, v in enumerate(labels["e_hull"])])
+    with pytest.raises(OptimizationError, match="'e_hull' has non-numeric values"):
+        simulate_campaign(X, text, PV, "random", 2, 4, 0)
+
+
+def test_simulated_campaign_accepts_rows_of_labels():
+    X, labels = _synthetic_pool()
+    pairs = zip(labels["gap"], labels["e_hull"], strict=True)
+    rows = [{"gap": g, "e_hull": e, "formula_id": i} for i, (g, e) in enumerate(pairs)]
+    a = simulate_campaign(X, rows, PV, "random", q=3, n_init=4, seed=1, max_evaluations=30)
+    b = simulate_campaign(X, labels, PV, "random", q=3, n_init=4, seed=1, max_evaluations=30)
+    assert a["order"] == b["order"] and len(a["order"]) == 30 and a["evaluations_to_target"] is None
