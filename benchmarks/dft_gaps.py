@@ -45,6 +45,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -301,7 +302,8 @@ def measure(args: argparse.Namespace, log) -> dict[str, Any]:
         torch.set_num_threads(1)
         from materials.potentials import load_potential
 
-        chgnet = load_potential("chgnet")
+        with contextlib.redirect_stdout(sys.stderr):  # CHGNet prints its banner; stdout stays clean for --json
+            chgnet = load_potential("chgnet")
 
     out_dir = Path(args.out) if args.out else None
     logs = (out_dir / "logs") if out_dir else Path(tempfile.mkdtemp(prefix="dft-gaps-logs-"))
@@ -380,7 +382,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
         writer.writeheader()
         for row in result["rows"]:
             writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
-    (out_dir / "dft_gaps.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "dft_gaps.json").write_text(to_json(result))
     ok = [r for r in result["rows"] if _finite(r.get("gap_exp_geom"))]
     mode = result["mode"]
     for column, label, name in (
@@ -395,6 +397,21 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
             quantity="band gap",
             title=f"GPAW PBE (experimental geometry) vs {label} ({mode})",
         )
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(_json_safe(result), indent=1, default=str, allow_nan=False)
 
 
 def _csv_value(value: Any) -> Any:
@@ -487,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # pymatgen/torch deprecation chatter
         result = measure(args, log)
     if args.json:
-        print(json.dumps(result, indent=1, default=str))
+        print(to_json(result))
     else:
         report(result)
     return 0
