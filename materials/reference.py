@@ -337,7 +337,8 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
     """Load a shipped reference set (``borlido``, ``zhuo``, ``mp``) or a lab CSV (any other name: a path).
 
     Args:
-        name: ``borlido`` | ``zhuo`` | ``mp`` | path to a lab-data CSV (see :func:`load_lab_csv`).
+        name: ``borlido`` | ``zhuo`` | ``mp`` | path to a lab-data CSV (see :func:`load_lab_csv`) | existing DFT:
+            a ``vasprun.xml``, an ``.extxyz``, or a folder of them (see :mod:`materials.dft_import`).
         property: ``band_gap`` (eV) or ``formation_energy`` (eV/atom); any spelling in ``PROPERTY_ALIASES``.
         method: Borlido only: which column (``experiment`` by default, ``PBE``, ``HSE06``, ...; see
             :func:`borlido_methods`). ``mp`` accepts ``PBE``, ``zhuo`` accepts ``experiment``.
@@ -362,6 +363,10 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
         return _mp(prop)
     if method is not None:
         raise ValueError(f"method={method!r} applies to the borlido set; a lab CSV gives a method per row")
+    from materials import dft_import  # imports this module
+
+    if dft_import.is_dft_path(name):
+        return dft_import.to_reference_set(dft_import.import_dft(name), prop, Path(name).name)
     return load_lab_csv(name, property=prop)
 
 

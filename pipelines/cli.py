@@ -152,6 +152,59 @@ def cmd_dft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_dft(args: argparse.Namespace) -> int:
+    from pipelines.dft_run import write_imported
+
+    summary = write_imported(args.paths, args.out, formation=not args.no_formation)
+    rows = summary["records"]
+    print(f"imported {len(rows)} calculation(s), {len(summary['failures'])} failure(s) (data {summary['data_hash']})")
+    print(f"{'id':28s} {'formula':10s} {'functional':10s} {'E/atom':>9s} {'E_form':>8s} {'gap':>6s}")
+
+    def num(value, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, float) and value == value else "-"
+
+    for r in rows:
+        print(
+            f"{r['id']:28s} {r['formula']:10s} {r['functional']:10s} {num(r['energy_per_atom'], '9.4f')} "
+            f"{num(r['e_form_per_atom'], '8.3f')} {num(r['band_gap'], '6.2f')}"
+        )
+    for where, why in summary["failures"]:
+        print(f"  failed: {where}: {why.splitlines()[0]}")
+    if summary["formation_error"]:
+        print(f"no formation energies: {summary['formation_error']}")
+    print(f"results: {summary['out_dir'] / 'dft_results.csv'}  structures: {summary['out_dir'] / 'structures.extxyz'}")
+    return 0
+
+
+def cmd_train_gap(args: argparse.Namespace) -> int:
+    from pipelines.train_gap import load_bandgap_config, run_train_gap
+
+    config = load_bandgap_config(args.config)
+    result = run_train_gap(config, resume=not args.restart, only_members=args.member)
+    if result["output"] is None:
+        print(f"trained members {args.member} in {result['seconds']:.0f} s (kept in {config.work_dir})")
+        return 0
+    m = result["metrics"]
+    print(f"ensemble of {config.members} written to {result['output']} ({result['seconds']:.0f} s)")
+    for key in ("mp_test", "expt_test", "borlido_expt", "borlido_pbe"):
+        if f"{key}_mae" in m:
+            print(
+                f"  {key:13s} n={m[f'{key}_n']:.0f} MAE {m[f'{key}_mae']:.3f} eV, within 1 sigma "
+                f"{m[f'{key}_within_1sigma']:.0%}, 2 sigma {m[f'{key}_within_2sigma']:.0%}"
+            )
+    if result["mlflow_run_id"]:
+        print(f"MLflow run: {result['mlflow_run_id']}")
+    return 0
+
+
+def cmd_predict_gap(args: argparse.Namespace) -> int:
+    from pipelines.train_gap import predict_gap_csv
+
+    counts = predict_gap_csv(args.input, args.formula_column, args.out, model_path=args.model)
+    print(f"{counts['n_ok']}/{counts['n_rows']} rows predicted ({counts['n_failed']} with an error): {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semidisc", description="Discover semiconductor materials.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,9 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     dft.add_argument("--out", default="runs/dft", help="output folder (resumes: finished ids are skipped)")
     dft.set_defaults(func=cmd_dft)
 
+    imp = sub.add_parser("import-dft", help="read existing DFT (vasprun.xml, extxyz) into dft_results.csv")
+    imp.add_argument("paths", nargs="+", help="vasprun.xml(.gz), .extxyz files, or folders holding them")
+    imp.add_argument("--out", default="runs/imported_dft", help="output folder")
+    imp.add_argument("--no-formation", action="store_true", help="skip formation energies")
+    imp.set_defaults(func=cmd_import_dft)
+
     val = sub.add_parser("validate", help="compare predictions with DFT/experimental/lab reference data")
     val.add_argument("--predictions", required=True, help="CSV, a screen/dft output folder, or an MLflow run id")
-    val.add_argument("--reference", required=True, help="borlido | zhuo | mp | path to a lab-data CSV")
+    val.add_argument(
+        "--reference", required=True, help="borlido | zhuo | mp | lab-data CSV | vasprun.xml/extxyz/folder"
+    )
     val.add_argument("--property", required=True, help="band_gap (eV) | formation_energy (eV/atom)")
     val.add_argument("--method", help="reference column, e.g. PBE or HSE06 for borlido (default: experiment)")
     val.add_argument("--column", help="prediction column (default: e_form_per_atom / gap_pbe / band_gap)")
@@ -209,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="save the hits-vs-evaluations trace plot here")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(func=cmd_bo_benchmark)
+
+    gap = sub.add_parser("train-gap", help="train the band-gap GNN ensemble (PBE + experiment), log to MLflow")
+    gap.add_argument("config", help="YAML (see configs/bandgap.yaml)")
+    gap.add_argument("--restart", action="store_true", help="retrain members already finished in work_dir")
+    gap.add_argument(
+        "--member", type=int, action="append", help="train only this member (repeatable; for parallel processes)"
+    )
+    gap.set_defaults(func=cmd_train_gap)
+
+    pgap = sub.add_parser("predict-gap", help="predict band gaps (PBE, experiment, p_metal) for a CSV of formulas")
+    pgap.add_argument("--input", required=True, help="CSV with a formula column")
+    pgap.add_argument("--formula-column", default="formula")
+    pgap.add_argument("--out", required=True, help="output CSV: input columns + gap columns + error")
+    pgap.add_argument("--model", help="ensemble file (default: the shipped materials/data/bandgap_ensemble.pt)")
+    pgap.set_defaults(func=cmd_predict_gap)
     return parser
 
 

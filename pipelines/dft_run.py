@@ -272,3 +272,41 @@ def run_dft(
         store.close()
         if started:
             ray.shutdown()
+
+
+def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True) -> dict[str, Any]:
+    """``semidisc import-dft``: existing DFT (vasprun.xml, extxyz) -> ``dft_results.csv`` (the columns of
+    ``semidisc dft`` plus functional, code, source, notes), ``structures.extxyz`` (energies, forces, stress: a
+    training set) and ``import_failures.csv`` (file or frame, reason)."""
+    from ase.io import write
+
+    from materials import dft_import
+
+    result = dft_import.import_dft(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    formation_error = None
+    if formation:
+        try:
+            dft_import.formation_energies(result.records)
+        except dft_import.DFTImportError as exc:
+            formation_error = str(exc)
+    rows = dft_import.as_result_rows(result.records)
+    columns = list(DFT_COLUMNS) + ["functional", "code", "source", "notes"]
+    with (out / "dft_results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    write(str(out / "structures.extxyz"), [rec.to_atoms() for rec in result.records], format="extxyz")
+    with (out / "import_failures.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["where", "reason"])
+        writer.writerows(result.failures)
+    return {
+        "out_dir": out,
+        "records": rows,
+        "failures": result.failures,
+        "formation_error": formation_error,
+        "data_hash": dft_import.data_hash(result.records),
+    }
