@@ -37,8 +37,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/screen_overhead.py
+	$(PY) benchmarks/perf_record.py
 	$(PY) benchmarks/bo_perovskites.py
 	$(PY) benchmarks/dft_gaps.py
+	$(PY) benchmarks/bandgap_accuracy.py
+	$(PY) benchmarks/finetune_gain.py
 
 lint: setup
 	$(VENV)/bin/ruff check materials pipelines tests benchmarks scripts

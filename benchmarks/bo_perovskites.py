@@ -31,10 +31,13 @@ def main() -> None:
     parser.add_argument("--methods", default="bo,bo-hit,random")
     parser.add_argument("--budget", type=int, default=600, help="evaluations at most per BO run")
     parser.add_argument("--plot", default="benchmarks/bo_perovskites_trace.png")
+    parser.add_argument("--features", default="both", choices=["composition", "ordered", "both"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", help="also write the JSON report to this file")
+    parser.add_argument("--gap-model", action="store_true", help="add the band-gap model's predictions as features")
     args = parser.parse_args()
     objective = WindowObjective(target="gap pbe", low=1.0, high=2.0, stable="e_hull", stable_max=0.05)
-    pool = load_labelled_pool(POOL, "formula", ["gap pbe", "e_hull"])
+    pool = load_labelled_pool(POOL, "formula", ["gap pbe", "e_hull"], args.features, args.gap_model)
     report = run_benchmark(
         pool,
         objective,
@@ -47,6 +50,10 @@ def main() -> None:
     )
     trace_plot(report, args.plot)
     print(report_json(report) if args.json else format_report(report))
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(report_json(report) + "\n")
+        print(f"JSON report: {args.save}")
     print(f"trace plot: {args.plot}")
 
 

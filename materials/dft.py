@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -168,6 +168,7 @@ class DFTResult:
     ``task`` is ``single_point``, ``relax`` or ``band_gap``. ``converged``: the SCF (single point, band gap)
     or the relaxation (relax) converged. ``n_scf_iterations`` sums over all ionic steps. ``gap_direct`` is None
     when no gap was computed or the system is metallic (``band_gap`` 0). ``notes`` records non-fatal issues.
+    ``forces`` (eV/Å, n_atoms × 3, of the final geometry) are kept as training data for fine-tuning.
     """
 
     id: str
@@ -201,6 +202,7 @@ class DFTResult:
     settings_hash: str = ""
     notes: list[str] = field(default_factory=list)
     structure: Structure | None = None
+    forces: list[list[float]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -374,6 +376,7 @@ def _fill_state(result: DFTResult, atoms: Atoms, calc, spinpol: bool, with_stres
     result.energy = float(atoms.get_potential_energy())
     result.energy_per_atom = result.energy / n
     forces = atoms.get_forces()
+    result.forces = forces.tolist()
     result.max_force = float(np.linalg.norm(forces, axis=1).max())
     if with_stress:
         result.stress = [float(s) for s in atoms.get_stress(voigt=True) / GPa]
@@ -481,6 +484,7 @@ def relax(
     fmax: float | None = None,
     max_steps: int | None = None,
     relax_cell: bool = True,
+    on_step: Callable[[Atoms], None] | None = None,
 ) -> DFTResult:
     """Relax positions (and the cell: ASE FrechetCellFilter) with BFGS on GPAW forces and stress.
 
@@ -490,6 +494,8 @@ def relax(
         max_steps: BFGS step limit; None uses ``settings.relax_max_steps``. Hitting it leaves ``status='ok'``,
             ``converged=False`` and a note.
         relax_cell: relax the cell shape and volume as well as positions.
+        on_step: called with the atoms (GPAW calculator attached, results of that geometry cached) after every
+            ionic step, e.g. to record the trajectory as training data (:mod:`materials.finetune`).
 
     The returned energy, forces, stress and structure are those of the final geometry. The k-grid is chosen
     for the starting cell and kept. Plane-wave stress at a fixed cutoff carries a Pulay error: converge
@@ -512,6 +518,8 @@ def relax(
             target = FrechetCellFilter(job.atoms) if relax_cell else job.atoms
             optimizer = BFGS(target, logfile=None)
             optimizer.attach(lambda: scf_iterations.append(int(calc.get_number_of_iterations())))
+            if on_step is not None:
+                optimizer.attach(lambda: on_step(job.atoms))
             converged = bool(optimizer.run(fmax=fmax, steps=max_steps))
             _fill_state(result, job.atoms, calc, job.spinpol, with_stress=relax_cell)
         except Exception as exc:  # per-structure failure, recorded with its reason

@@ -234,30 +234,144 @@ def composition_features(formula: str) -> dict[str, float]:
     return out
 
 
+_TOKEN = re.compile(r"([A-Z][a-z]?)(\d*\.?\d*)")
+
+
+def written_elements(formula: str) -> list[tuple[str, float]]:
+    """The elements of a formula in the order it is written, with their amounts (a repeated symbol is merged
+    into its first position): ``"SrTiO3"`` -> ``[("Sr", 1), ("Ti", 1), ("O", 3)]``.
+
+    Raises:
+        FeatureError: as :func:`parse_composition` (the formula is parsed by pymatgen first), or a formula with
+            brackets, whose written order is ambiguous.
+    """
+    parse_composition(formula)
+    if re.search(r"[()\[\]]", formula):
+        raise FeatureError(f"formula {formula!r}: site-ordered features need a flat formula such as 'SrTiO3'.")
+    order: dict[str, float] = {}
+    for symbol, amount in _TOKEN.findall(formula.replace(" ", "")):
+        order[symbol] = order.get(symbol, 0.0) + (float(amount) if amount else 1.0)
+    return list(order.items())
+
+
+def ordered_feature_names(positions: int) -> list[str]:
+    """Names of :func:`ordered_features`: ``"site<k>_<property>"`` and ``"site<k>_fraction"``, k = 0..positions-1."""
+    return [f"site{k}_{p}" for k in range(positions) for p in (*ELEMENT_PROPERTIES, "fraction")]
+
+
+def ordered_features(formula: str, positions: int) -> dict[str, float]:
+    """Site-ordered descriptors: the element properties of the k-th element as written, for k < ``positions``.
+
+    Pools of one structure family usually write formulas in site order (ABO3: A, then B, then O), so the k-th
+    written element is the k-th site: this tells SrTiO3 from TiSrO3, which composition statistics cannot.
+    For formulas written in pymatgen's order (by electronegativity) position k is still a well-defined
+    descriptor (the k-th most electropositive element). Positions past the last element are NaN (impute them,
+    as :func:`featurize_formulas` does).
+    """
+    elements = written_elements(formula)
+    total = sum(amount for _, amount in elements)
+    out: dict[str, float] = {}
+    for k in range(positions):
+        if k < len(elements):
+            symbol, amount = elements[k]
+            props = element_properties(symbol)
+            out.update({f"site{k}_{p}": props[p] for p in ELEMENT_PROPERTIES})
+            out[f"site{k}_fraction"] = amount / total
+        else:
+            out.update({f"site{k}_{p}": math.nan for p in (*ELEMENT_PROPERTIES, "fraction")})
+    return out
+
+
+#: Feature sets of :func:`featurize_formulas`.
+FEATURE_SETS = ("composition", "ordered", "both")
+#: Most written positions that get site-ordered features.
+MAX_ORDERED_POSITIONS = 4
+
+
+#: Columns of the band-gap model added by ``featurize_formulas(..., gap_model=True)``.
+GAP_MODEL_FEATURES = ("gap_pbe", "gap_pbe_std", "p_metal_pbe")
+
+
+def gap_model_features(formulas: Sequence[str], model_path: str | None = None) -> list[dict[str, float] | str]:
+    """Predicted PBE band gap, its ensemble σ and P(metal) per formula from the shipped band-gap model
+    (:mod:`materials.bandgap`), named ``model_<column>``; a formula the model cannot read gives its reason (str).
+    The model was trained on Materials Project gaps: a pool drawn from MP shares compositions with its training set.
+    """
+    from materials.bandgap import predict_gaps
+
+    out: list[dict[str, float] | str] = []
+    for row in predict_gaps(formulas, model_path):
+        if row["error"]:
+            out.append(f"band-gap model: {row['error']}")
+        else:
+            out.append({f"model_{k}": float(row[k]) for k in GAP_MODEL_FEATURES})
+    return out
+
+
 def featurize_formulas(
     formulas: Sequence[str],
+    feature_set: str = "composition",
+    positions: int | None = None,
+    gap_model: bool | str = False,
 ) -> tuple[np.ndarray, list[str], dict[int, str], np.ndarray]:
-    """Composition features of many formulas; bad rows are recorded and skipped, the batch keeps going.
+    """Features of many formulas; bad rows are recorded and skipped, the batch keeps going.
+
+    Args:
+        formulas: chemical formulas.
+        feature_set: ``composition`` (:func:`composition_features`), ``ordered`` (:func:`ordered_features`) or
+            ``both`` (the two side by side).
+        positions: written positions for the ordered features (default: the most elements any formula has,
+            at most :data:`MAX_ORDERED_POSITIONS`). Missing positions get their column's mean.
+        gap_model: also add :func:`gap_model_features` (True: the shipped model; a str: that model file).
 
     Returns:
         ``(X, names, failures, ok_index)``: ``X`` float64 of shape (n_ok, d) in input order of the rows that
-        worked; ``names`` the d column names (:func:`composition_feature_names`); ``failures`` maps the input
-        row index of each failed formula to the reason; ``ok_index`` int64 of shape (n_ok,) gives the input
-        row of each row of ``X`` (``X[i]`` describes ``formulas[ok_index[i]]``).
+        worked; ``names`` the d column names; ``failures`` maps the input row index of each failed formula to the
+        reason; ``ok_index`` int64 of shape (n_ok,) gives the input row of each row of ``X`` (``X[i]`` describes
+        ``formulas[ok_index[i]]``).
     """
-    names = composition_feature_names()
-    rows: list[list[float]] = []
+    if feature_set not in FEATURE_SETS:
+        raise FeatureError(f"feature set {feature_set!r} is not known; use one of {', '.join(FEATURE_SETS)}")
+    use_comp, use_ordered = feature_set in ("composition", "both"), feature_set in ("ordered", "both")
+    rows: list[dict[str, float]] = []
     ok: list[int] = []
     failures: dict[int, str] = {}
+    if use_ordered and positions is None:
+        counts = []
+        for formula in formulas:
+            try:
+                counts.append(len(written_elements(formula)))
+            except FeatureError:
+                continue
+        positions = min(max(counts, default=1), MAX_ORDERED_POSITIONS)
+    names = (composition_feature_names() if use_comp else []) + (
+        ordered_feature_names(positions) if use_ordered else []
+    )
+    model_rows: list[dict[str, float] | str] = []
+    if gap_model:
+        model_rows = gap_model_features(formulas, None if gap_model is True else str(gap_model))
+        names += [f"model_{k}" for k in GAP_MODEL_FEATURES]
     for i, formula in enumerate(formulas):
         try:
-            feats = composition_features(formula)
+            feats = composition_features(formula) if use_comp else {}
+            if use_ordered:
+                feats.update(ordered_features(formula, positions))
         except FeatureError as exc:
             failures[i] = str(exc)
             continue
-        rows.append([feats[n] for n in names])
+        if model_rows:
+            if isinstance(model_rows[i], str):
+                failures[i] = model_rows[i]
+                continue
+            feats.update(model_rows[i])
+        rows.append(feats)
         ok.append(i)
-    X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+    X = np.asarray([[row[n] for n in names] for row in rows], dtype=np.float64).reshape(len(rows), len(names))
+    if use_ordered and len(rows):
+        missing = np.isnan(X)
+        if missing.any():
+            means = np.nanmean(np.where(missing.all(axis=0), 0.0, X), axis=0)  # an all-NaN column becomes 0
+            X = np.where(missing, means[None, :], X)
     return X, names, failures, np.asarray(ok, dtype=np.int64)
 
 

@@ -114,6 +114,12 @@ def load_potential(spec: PotentialSpec | str | None = None) -> Calculator:
         spec = PotentialSpec()
     elif isinstance(spec, str):
         spec = PotentialSpec(name=spec)  # type: ignore[arg-type]
+    if spec.model and spec.model.startswith(("mlflow:/", "models:/")):
+        raise PotentialError(
+            f"potential.model={spec.model!r} is an MLflow registry URI, which this library does not resolve: run "
+            "it through the pipeline (semidisc screen/campaign resolve it) or call "
+            "pipelines.registry.resolve_potential(spec, tracking_uri) first to get a local .model path"
+        )
     if spec.name == "emt":
         from ase.calculators.emt import EMT
 

@@ -17,7 +17,7 @@ from ase.calculators.calculator import Calculator
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from ase.units import GPa
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
@@ -34,6 +34,11 @@ class RelaxSettings:
         max_volume_factor: failure if the final volume differs from the initial by more than this factor.
         min_energy_per_atom: failure if the energy falls below this, eV/atom (no solid is below ~-15).
         min_distance: failure if two atoms end closer than this, Å (collapse).
+        batched: relax many structures together with torch-sim (FIRE + Frechet cell filter, batched on the
+            model; :mod:`materials.batched`) instead of one ASE relaxation after another. chgnet and mace only.
+        batch_max_atoms: the autobatcher's memory limit for ``batched``: at most this many atoms in one model
+            call (a structure larger than that is relaxed alone); ``None``: torch-sim estimates it from free GPU
+            memory (CUDA only).
     """
 
     fmax: float = 0.05
@@ -42,6 +47,8 @@ class RelaxSettings:
     max_volume_factor: float = 3.0
     min_energy_per_atom: float = -25.0
     min_distance: float = 0.6
+    batched: bool = False
+    batch_max_atoms: int | None = Field(default=512, ge=1)
 
 
 @dataclass

@@ -34,8 +34,16 @@ class LabelledPool:
     skipped: list[dict[str, Any]]
 
 
-def load_labelled_pool(path: str | Path, formula_column: str, columns: Sequence[str]) -> LabelledPool:
-    """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with the reason."""
+def load_labelled_pool(
+    path: str | Path,
+    formula_column: str,
+    columns: Sequence[str],
+    feature_set: str = "both",
+    gap_model: bool | str = False,
+) -> LabelledPool:
+    """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with the reason.
+    ``feature_set``: ``composition``, ``ordered`` or ``both``; ``gap_model``: add the band-gap model's predictions
+    (:func:`materials.features.featurize_formulas`)."""
     from pipelines.campaign import read_csv_rows
 
     path = Path(path)
@@ -65,7 +73,7 @@ def load_labelled_pool(path: str | Path, formula_column: str, columns: Sequence[
         for c in columns:
             values[c].append(parsed[c])
     formulas = [rows[i][formula_column] for i in usable_rows]
-    X, _, failures, ok_index = featurize_formulas(formulas)
+    X, _, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model)
     for j, reason in sorted(failures.items()):
         skipped.append({"row": usable_rows[j], "formula": formulas[j], "reason": reason})
     keep = np.asarray(ok_index, dtype=int)

@@ -56,9 +56,15 @@ def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def pool_from_rows(rows: Sequence[Mapping[str, Any]], formula_column: str, id_column: str | None, source: str) -> Pool:
-    """Featurise a pool's formulas (composition only); rows whose formula does not parse are skipped with
-    the reason."""
+def pool_from_rows(
+    rows: Sequence[Mapping[str, Any]],
+    formula_column: str,
+    id_column: str | None,
+    source: str,
+    feature_set: str = "both",
+) -> Pool:
+    """Featurise a pool's formulas (``feature_set`` of :func:`materials.features.featurize_formulas`); rows whose
+    formula does not parse are skipped with the reason."""
     if not rows:
         raise CampaignError(f"{source}: the pool is empty")
     columns = list(rows[0])
@@ -70,7 +76,7 @@ def pool_from_rows(rows: Sequence[Mapping[str, Any]], formula_column: str, id_co
     if len(set(ids)) != len(ids):
         raise CampaignError(f"{source}: ids in column {id_column!r} are not unique")
     formulas = [str(r[formula_column] or "") for r in rows]
-    features, names, failed, ok_index = featurize_formulas(formulas)
+    features, names, failed, ok_index = featurize_formulas(formulas, feature_set)
     skipped = [{"id": ids[i], "formula": formulas[i], "reason": reason} for i, reason in sorted(failed.items())]
     keep = [int(i) for i in ok_index]
     return Pool(
@@ -191,7 +197,9 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
         if config.oracle.kind == "dft":
             raise CampaignError("oracle.kind: dft needs structures: use a generated pool (pool.csv: null)")
         rows = read_csv_rows(config.pool.csv)
-        pool = pool_from_rows(rows, config.pool.formula_column, config.pool.id_column, config.pool.csv)
+        pool = pool_from_rows(
+            rows, config.pool.formula_column, config.pool.id_column, config.pool.csv, config.pool.features
+        )
         if config.oracle.kind == "mlip":
             raise CampaignError("oracle.kind: mlip labels a generated pool; with pool.csv use oracle.kind: table")
         label_rows = pool.rows
@@ -205,7 +213,7 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
             raise CampaignError("oracle.kind: table with a generated pool needs oracle.csv (labels by formula)")
     summary = run_screen(config.screen_config(), out_dir=out / "screen", resume=True, progress=False)
     rows = [r for r in read_csv_rows(summary.out_dir / "results.csv") if r["status"] == "ok"]
-    pool = pool_from_rows(rows, "formula", "id", str(summary.out_dir / "results.csv"))
+    pool = pool_from_rows(rows, "formula", "id", str(summary.out_dir / "results.csv"), config.pool.features)
     if config.oracle.kind == "table":
         label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
         return pool, RowOracle("table", label_rows, columns)

@@ -81,7 +81,7 @@ def cmd_bo_benchmark(args: argparse.Namespace) -> int:
         target=args.target, low=low, high=high, stable=args.stable_column, stable_max=args.stable_max
     )
     columns = [args.target] + ([args.stable_column] if args.stable_column else [])
-    pool = load_labelled_pool(args.pool, args.formula_column, columns)
+    pool = load_labelled_pool(args.pool, args.formula_column, columns, args.features, args.gap_model)
     report = run_benchmark(
         pool,
         objective,
@@ -177,8 +177,11 @@ def cmd_import_dft(args: argparse.Namespace) -> int:
 
 
 def cmd_train_gap(args: argparse.Namespace) -> int:
+    import logging
+
     from pipelines.train_gap import load_bandgap_config, run_train_gap
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per epoch
     config = load_bandgap_config(args.config)
     result = run_train_gap(config, resume=not args.restart, only_members=args.member)
     if result["output"] is None:
@@ -202,6 +205,23 @@ def cmd_predict_gap(args: argparse.Namespace) -> int:
 
     counts = predict_gap_csv(args.input, args.formula_column, args.out, model_path=args.model)
     print(f"{counts['n_ok']}/{counts['n_rows']} rows predicted ({counts['n_failed']} with an error): {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipelines.finetune_run import format_table, load_finetune_config, run_finetune
+
+    config = load_finetune_config(args.config)
+    summary = run_finetune(config, out_dir=args.out)
+    print(f"\n{summary.n_train} training frames, {summary.n_heldout} held-out frames (data hash {summary.data_hash})")
+    for failure in summary.failures:
+        print(f"  failed: {failure}")
+    print("\n" + format_table(summary.metrics, "heldout"))
+    print(f"\nmodel: {summary.model_path}")
+    if summary.registry_uri:
+        print(f'registered: {summary.registry_uri}  (potential: {{name: mace, model: "{summary.registry_uri}"}})')
+    if summary.mlflow_run_id:
+        print(f"MLflow run: {summary.mlflow_run_id}")
     return 0
 
 
@@ -264,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=10)
     bench.add_argument("--batch", type=int, default=5, help="q: batch size")
     bench.add_argument("--n-init", type=int, default=10)
+    bench.add_argument(
+        "--features",
+        default="both",
+        choices=["composition", "ordered", "both"],
+        help="formula features: composition statistics, site-ordered (k-th written element), or both",
+    )
+    bench.add_argument("--gap-model", action="store_true", help="add the band-gap model's predictions as features")
     bench.add_argument("--budget", type=int, help="evaluations at most per run (default: the pool)")
     bench.add_argument("--methods", default="bo,random", help="comma list of bo, bo-hit, greedy, random")
     bench.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (one replay per CPU)")
@@ -285,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     pgap.add_argument("--out", required=True, help="output CSV: input columns + gap columns + error")
     pgap.add_argument("--model", help="ensemble file (default: the shipped materials/data/bandgap_ensemble.pt)")
     pgap.set_defaults(func=cmd_predict_gap)
+
+    ft = sub.add_parser("finetune", help="GPAW training data -> fine-tune MACE -> evaluate -> MLflow model registry")
+    ft.add_argument("config", help="finetune YAML (see configs/finetune.yaml)")
+    ft.add_argument("--out", help="output folder (default: output_dir; cached DFT frames are reused)")
+    ft.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -292,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    from materials.finetune import FinetuneError
     from materials.potentials import PotentialError
     from materials.structures import StructureCheckError
     from pipelines.config import ConfigError
@@ -304,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         ResumeError,
         PotentialError,
+        FinetuneError,
         StructureCheckError,
         ValidationInputError,
         FileNotFoundError,

@@ -83,6 +83,20 @@ class ScreenConfig(_Strict):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     output_dir: str = "runs/screen"
 
+    @model_validator(mode="after")
+    def _batched_needs_torch_model(self) -> ScreenConfig:
+        if self.relax.batched and self.potential.name not in ("chgnet", "mace"):
+            raise ValueError(
+                f"relax.batched: true needs potential.name chgnet or mace (got {self.potential.name!r}); "
+                "set relax.batched: false"
+            )
+        if self.relax.batched and self.relax.batch_max_atoms is None and not self.potential.device.startswith("cuda"):
+            raise ValueError(
+                "relax.batch_max_atoms: null (estimate from GPU memory) needs potential.device: cuda; "
+                "give a number of atoms per batch, e.g. 512"
+            )
+        return self
+
     def flat_params(self) -> dict[str, Any]:
         """Dotted-key parameters for MLflow (``relax.fmax`` ...)."""
         out: dict[str, Any] = {}
@@ -138,6 +152,9 @@ class PoolSettings(_Strict):
     csv: str | None = None
     formula_column: str = "formula"
     id_column: str | None = None
+    features: Literal["composition", "ordered", "both"] = Field(
+        default="both", description="formula features: composition statistics, site-ordered, or both"
+    )
 
 
 class ObjectiveSettings(_Strict):

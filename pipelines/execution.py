@@ -4,6 +4,7 @@ cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,11 @@ def init_ray(settings: RaySettings) -> bool:
     address = settings.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        # inside `ray job submit`, Ray refuses a driver env var that the job's runtime env also sets: the job wins
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+        env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in job_vars}}
+        ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=False)
     else:
         ray.init(
             num_cpus=settings.num_cpus,
@@ -64,6 +69,11 @@ class RelaxWorker:
         self.calculator = load_potential(spec)
         self.supported = supported_elements(spec, self.calculator)
         self.label = spec.label()
+        self.batched_model = None
+        if relax.batched:  # one torch-sim model sharing the calculator's weights; a chunk is relaxed as one batch
+            from materials.batched import batched_model
+
+            self.batched_model = batched_model(spec, self.calculator)
 
     def relax_chunk(self, items: Sequence[WorkItem]) -> list[dict[str, Any]]:
         """Check then relax each item; every item yields a record (status ok or failed with a reason)."""
@@ -72,7 +82,8 @@ class RelaxWorker:
         from materials.relax import relax_structure
         from materials.structures import StructureCheckError, check_structure
 
-        out = []
+        out: list[dict[str, Any] | None] = []
+        to_relax: list[tuple[int, dict[str, Any], Structure]] = []
         for item in items:
             base = {
                 "id": item.id,
@@ -94,15 +105,32 @@ class RelaxWorker:
                     }
                 )
                 continue
+            to_relax.append((len(out), base, structure))
+            out.append(None)
+        if self.batched_model is not None and to_relax:
+            from materials.batched import relax_structures_batched
+
             try:
-                result = relax_structure(structure, self.calculator, self.relax, item_id=item.id)
-            except Exception as exc:  # an unexpected error fails this item only, with its reason
-                out.append({**base, "status": "failed", "failure_reason": f"error: {type(exc).__name__}: {exc}"})
+                results = relax_structures_batched(
+                    [s for _, _, s in to_relax], self.batched_model, self.relax, ids=[b["id"] for _, b, _ in to_relax]
+                )
+            except Exception as exc:  # an unexpected error fails this chunk's items, with its reason
+                results = [exc] * len(to_relax)
+        else:
+            results = []
+            for _, base, structure in to_relax:
+                try:
+                    results.append(relax_structure(structure, self.calculator, self.relax, item_id=base["id"]))
+                except Exception as exc:  # an unexpected error fails this item only, with its reason
+                    results.append(exc)
+        for (slot, base, _), result in zip(to_relax, results, strict=True):
+            if isinstance(result, Exception):
+                out[slot] = {**base, "status": "failed", "failure_reason": f"error: {type(result).__name__}: {result}"}
                 continue
             record = {**base, **{k: v for k, v in result.as_dict().items() if k != "structure"}}
             record["relax_steps"] = result.steps
             record["structure"] = result.structure.as_dict() if result.structure is not None else None
-            out.append(record)
+            out[slot] = record
         return out
 
     def calibrate(self) -> dict[str, Any]:

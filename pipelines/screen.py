@@ -54,7 +54,9 @@ class ScreenSummary:
 
 def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int | None) -> str:
     """Hash of what determines the results (science settings and inputs, not Ray/tracking/output)."""
-    science = config.model_dump(mode="json", exclude={"ray", "tracking", "output_dir", "name"})
+    # relax.batched / batch_max_atoms choose how, not what: a CPU screen may be resumed batched on a GPU
+    exclude = {"ray": True, "tracking": True, "output_dir": True, "name": True, "relax": {"batched", "batch_max_atoms"}}
+    science = config.model_dump(mode="json", exclude=exclude)
     payload = json.dumps({"science": science, "structures": structures, "limit": limit}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -169,6 +171,13 @@ def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | Non
     return path
 
 
+def _add_predicted_gaps(csv_path: Path) -> None:
+    """Band-gap GNN columns (gap_pbe, gap_pbe_std, gap_expt, gap_expt_std, p_metal) by formula; fails soft."""
+    from pipelines.train_gap import add_gap_columns  # torch-geometric import only when a screen finishes
+
+    add_gap_columns(csv_path)
+
+
 def run_screen(
     config: ScreenConfig,
     structures: str | None = None,
@@ -182,6 +191,11 @@ def run_screen(
     out = Path(out_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = config_fingerprint(config, structures, limit)
+    # a registry URI (potential.model: mlflow:/name/version) becomes a local .model file; tags record which
+    from pipelines.registry import resolve_potential
+
+    potential, registry_tags = resolve_potential(config.potential, config.tracking.uri)
+    config = config.model_copy(update={"potential": potential})
     store = ResultStore(out / "results.sqlite")
     previous = store.get_meta("fingerprint")
     if previous is not None and previous != fingerprint:
@@ -220,6 +234,7 @@ def run_screen(
                 "potential_weights_hash": weights_hash(config.potential),
                 "energy_scheme": refs.scheme,
                 "energy_scheme_loo_rmse": refs.calibration.get("loo_rmse", "n/a"),
+                **registry_tags,
             }
         )
         structures_dir = out / "structures"
@@ -238,6 +253,7 @@ def run_screen(
         table = ReferenceTable.load()
         compute_stability(store, refs, table)
         csv_path = store.export_csv(out / "results.csv")
+        _add_predicted_gaps(csv_path)
         records = list(store.records())
         ok = [r for r in records if r["status"] == "ok"]
         stable = [

@@ -99,3 +99,26 @@ def test_stack_features_aligns_and_imputes():
     np.testing.assert_allclose(X, [[1.0, 2.0, 1.0], [3.0, 4.0, 1.0], [2.0, 6.0, 1.0]])
     with pytest.raises(FeatureError, match=r"\['z'\]"):
         stack_features([{"z": math.nan}])
+
+
+def test_site_ordered_features_tell_site_swaps_apart():
+    from materials.features import element_properties, featurize_formulas, ordered_features, written_elements
+
+    assert written_elements("SrTiO3") == [("Sr", 1.0), ("Ti", 1.0), ("O", 3.0)]
+    assert written_elements("CH3COOH") == [("C", 2.0), ("H", 4.0), ("O", 2.0)]
+    swap_a, swap_b = ordered_features("SrTiO3", 3), ordered_features("TiSrO3", 3)
+    assert swap_a["site0_electronegativity"] == pytest.approx(element_properties("Sr")["electronegativity"])
+    assert swap_b["site0_electronegativity"] == pytest.approx(element_properties("Ti")["electronegativity"])
+    assert swap_a["site2_fraction"] == pytest.approx(0.6)
+    # composition statistics cannot tell the two apart; "both" can
+    X, names, failures, ok = featurize_formulas(["SrTiO3", "TiSrO3", "GaAs", "Xx2O3"], "both")
+    assert failures.keys() == {3} and list(ok) == [0, 1, 2]
+    n_comp = len(featurize_formulas(["SrTiO3"])[1])
+    assert np.allclose(X[0, :n_comp], X[1, :n_comp]) and not np.allclose(X[0], X[1])
+    # GaAs has no third element: its site2 columns get the column mean (here SrTiO3's and TiSrO3's O values)
+    j = names.index("site2_fraction")
+    assert X[2, j] == pytest.approx(0.6) and np.isfinite(X).all()
+    with pytest.raises(FeatureError, match="feature set 'site'"):
+        featurize_formulas(["GaAs"], "site")
+    with pytest.raises(FeatureError, match="flat formula"):
+        ordered_features("Ca(OH)2", 2)

@@ -17,6 +17,7 @@ from ase.build import bulk
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from materials.bandgap import PREDICTION_COLUMNS
 from pipelines.config import parse_config
 from pipelines.screen import ResumeError, run_screen
 from pipelines.store import RESULT_COLUMNS
@@ -49,7 +50,9 @@ def test_screen_end_to_end_with_mlflow(tmp_path):
     config = small_config(tmp_path)
     summary = run_screen(config, out_dir=tmp_path / "out", progress=False)
     rows = read_csv(tmp_path / "out" / "results.csv")
-    assert tuple(next(iter(rows.values()))) == RESULT_COLUMNS
+    # the band-gap GNN's columns follow the screen's own
+    assert tuple(next(iter(rows.values()))) == RESULT_COLUMNS + PREDICTION_COLUMNS
+    assert 0.8 < float(rows["zincblende-GaAs"]["gap_expt"]) < 2.2 and float(rows["zincblende-GaAs"]["p_metal"]) < 0.5
     # ZnP, GaSe... are not charge balanced: only the 4 III-V + ZnSe zincblendes + rocksalt GaAs
     assert set(rows) == {
         "zincblende-GaP",

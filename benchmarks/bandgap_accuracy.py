@@ -1,0 +1,121 @@
+"""Accuracy and calibration of the shipped band-gap ensemble (``materials/data/bandgap_ensemble.pt``).
+
+Rows of the table:
+
+* **MP PBE, held-out compositions**: ``gap_pbe`` vs the Materials Project PBE gap (ground-state polymorph) of the
+  test compositions of the split the model was trained with (a hash of the reduced formula; no test formula was
+  trained on, Borlido formulas removed). Anchors, Matbench ``mp_gap`` (structure-based, per structure): CGCNN
+  0.297, ALIGNN 0.186, coGN 0.156 eV. Goal <= 0.30 eV composition-only.
+* **Zhuo experiment, held-out compositions**: ``gap_expt`` vs Zhuo 2018 (mean of repeated measurements).
+* **Borlido experiment** (external: none of its compositions is in any training data): ``gap_expt`` vs the
+  experimental gap on all 464 rows (polymorphs of a formula get the same composition-only prediction) and
+  on the 446 distinct formulas (ground-state polymorph). Anchors on the 464 rows, computed here from the same
+  file: PBE, HSE06, MBJ. Goal <= 0.45 eV.
+* **Borlido PBE**: ``gap_pbe`` vs Borlido's PBE column (reported).
+
+Calibration: fraction of absolute errors within 1 and 2 predicted sigma (ideal 68 % / 95 %).
+
+Usage::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bandgap_accuracy.py [--model PATH] [--json]
+
+About 1-2 minutes on one core (reading the 120k-row MP table dominates).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from materials.bandgap import (  # noqa: E402
+    GapDataset,
+    GapEnsemble,
+    combine_members,
+    gap_metrics,
+    shipped_model_path,
+)
+from materials.reference import load_reference  # noqa: E402
+from pipelines.train_gap import BandGapConfig, build_datasets, evaluate_ensemble  # noqa: E402
+
+ANCHORS_MP = "Matbench mp_gap (structure): CGCNN 0.297, ALIGNN 0.186, coGN 0.156"
+
+
+def borlido_rows(ensemble: GapEnsemble) -> dict[str, dict[str, float]]:
+    """Metrics on all 464 Borlido rows: our gap_expt and the PBE/HSE06/MBJ columns, each vs experiment."""
+    expt = load_reference("borlido", "band_gap")
+    data = GapDataset.from_pairs([(r.formula, r.value) for r in expt.rows])
+    out = {"gap_expt (this model)": gap_metrics(ensemble.predict_dataset("expt", data), data.gap)}
+    # diagnostics (not used to choose anything): the regression alone, as if every row were known to be a non-metal,
+    # and the classifier bounded by the PBE one (a PBE gap > 0 implies an experimental gap > 0; rejected on the
+    # Zhuo validation set, where it raised the MAE from 0.268 to 0.304 eV)
+    outputs = ensemble.outputs("expt", data)
+    mu = np.mean([o["mu"] for o in outputs], axis=0)
+    out["gap_expt regression only"] = {"n": float(len(data)), "mae": float(np.mean(np.abs(mu - data.gap)))}
+    pbe_outputs = ensemble.outputs("pbe", data)
+    bounded = [
+        dict(o, p_metal=np.minimum(o["p_metal"], q["p_metal"])) for o, q in zip(outputs, pbe_outputs, strict=True)
+    ]
+    pred = combine_members(bounded, ensemble.sigma_scale["expt"], ensemble.metal_cut["expt"])
+    out["gap_expt, PBE-bounded p_metal"] = {
+        "n": float(len(data)),
+        "mae": float(np.mean(np.abs(pred["gap"] - data.gap))),
+    }
+    truth = {r.id: r.value for r in expt.rows}
+    for method in ("PBE", "HSE06", "MBJ"):
+        rows = [r for r in load_reference("borlido", "band_gap", method=method).rows if r.id in truth]
+        err = np.array([r.value - truth[r.id] for r in rows])
+        out[f"{method} (Borlido column)"] = {"n": float(len(rows)), "mae": float(np.mean(np.abs(err)))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(shipped_model_path()))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    ensemble = GapEnsemble.load(args.model)
+    config = BandGapConfig.model_validate(ensemble.info["config"])
+    data = build_datasets(config)
+    metrics = evaluate_ensemble(ensemble, data)
+    rows464 = borlido_rows(ensemble)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"metrics": metrics, "borlido_464": rows464, "seconds": seconds}, indent=1))
+        return
+
+    n_members = len(ensemble.members["pbe"])
+    print(f"band-gap ensemble {args.model}: {n_members} members, trained {ensemble.info.get('trained_at', '?')}")
+    print(f"{'set':44s} {'n':>5s} {'MAE':>6s} {'RMSE':>6s} {'metal acc':>9s} {'<=1σ':>5s} {'<=2σ':>5s}  anchor / goal")
+    table = [
+        ("MP PBE held-out compositions: gap_pbe", "mp_test", f"goal <= 0.30; {ANCHORS_MP}"),
+        ("Zhuo expt held-out compositions: gap_expt", "expt_test", ""),
+        ("Borlido expt, 446 formulas: gap_expt", "borlido_expt", "goal <= 0.45"),
+        ("Borlido PBE column, 446 formulas: gap_pbe", "borlido_pbe", "report"),
+    ]
+    for label, key, note in table:
+        m = {k[len(key) + 1 :]: v for k, v in metrics.items() if k.startswith(key + "_")}
+        print(
+            f"{label:44s} {m['n']:5.0f} {m['mae']:6.3f} {m['rmse']:6.3f} {m['metal_accuracy']:9.1%} "
+            f"{m['within_1sigma']:5.0%} {m['within_2sigma']:5.0%}  {note}"
+        )
+    print("\nBorlido experimental gaps, all 464 rows (MAE, eV):")
+    for label, m in rows464.items():
+        extra = f"  within 1σ {m['within_1sigma']:.0%}, 2σ {m['within_2sigma']:.0%}" if "within_1sigma" in m else ""
+        print(f"  {label:32s} n={m['n']:3.0f}  MAE {m['mae']:.3f}{extra}")
+    scales = ", ".join(f"{k} {v:.2f}" for k, v in ensemble.sigma_scale.items())
+    cuts = ", ".join(f"{k} {v:.2f}" for k, v in ensemble.metal_cut.items())
+    print(f"\nfitted on validation compositions: sigma scale {scales}; p_metal cut {cuts}; {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

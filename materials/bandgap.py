@@ -1,0 +1,675 @@
+"""Band gap from composition: a fraction-weighted attention message-passing network (torch-geometric) with an
+ensemble for uncertainty, at two fidelities (Materials Project PBE, and experiment by fine-tuning the PBE model).
+
+The idea is Roost's (Goodall & Lee, Nat. Commun. 11, 6280 (2020)); the code is our own:
+
+* **Graph** (:func:`composition_graph`): one node per element of the reduced formula, carrying its atomic number
+  and atomic fraction ``w``; directed edges between every ordered pair of nodes, self-loops included (so an
+  element alone still exchanges a message with itself).
+* **Node inputs**: the 18 element properties of :mod:`materials.features` (standardised over Z = 1..103) next to a
+  learned per-element embedding.
+* **Messages** (:class:`FractionAttention`): node i attends to every node j with weights
+  ``a_ij = w_j exp(e_ij) / sum_k w_k exp(e_ik)`` (a softmax over ``e_ij + log w_j``), several heads, residual
+  update. **Readout**: the same fraction-weighted attention over the nodes of a graph.
+* **Heads**: a classifier logit for "gap > 0" (``p_metal`` = P(gap == 0)) and a Laplace regression of the gap of
+  non-metals (mean ``mu`` and scale ``b``, eV), so metals are not smeared into small gaps.
+* **Prediction**: ``gap = 0`` when ``p_metal`` reaches a cut (fitted on validation compositions) else ``mu``.
+  Its variance is the expected squared error under the mixture (point mass at 0 with weight ``p_metal``,
+  Laplace(mu, b) otherwise).
+  An ensemble (members trained from different seeds) averages ``p_metal`` and ``mu`` and adds the spread of the
+  members' ``mu`` to the aleatoric variance; a per-fidelity factor fitted on validation compositions scales the
+  sigma so that ~68 % of errors fall within 1 sigma.
+
+No Ray, no MLflow here: :mod:`pipelines.train_gap` orchestrates training and tracking. The shipped ensemble is
+``materials/data/bandgap_ensemble.pt`` (see :func:`predict_gaps`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as config_dataclass
+from pymatgen.core import Element
+from torch import nn
+from torch_geometric.data import Data
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import scatter, softmax
+
+from materials.features import ELEMENT_PROPERTIES, FeatureError, element_properties, parse_composition
+
+#: Fidelities the ensemble predicts.
+FIDELITIES = ("pbe", "expt")
+#: A gap at or below this is a metal, eV (MP stores metals as exactly 0).
+METAL_THRESHOLD = 1e-6
+#: Largest atomic number with an embedding row (every element pymatgen knows).
+MAX_Z = 118
+SHIPPED_MODEL = "bandgap_ensemble.pt"
+#: Columns that :func:`predict_gaps` fills for each formula.
+PREDICTION_COLUMNS = ("gap_pbe", "gap_pbe_std", "gap_expt", "gap_expt_std", "p_metal")
+
+
+class BandGapError(ValueError):
+    """A formula cannot be turned into a composition graph, or the model file is unusable; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------- settings
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class GapModelSettings:
+    """Size of the network.
+
+    Attributes:
+        hidden: width of node states and of the pooled vector.
+        embedding: width of the learned per-element embedding (beside the 18 element properties).
+        layers: message-passing layers.
+        heads: attention heads per layer and in the readout.
+    """
+
+    hidden: int = 64
+    embedding: int = 16
+    layers: int = 3
+    heads: int = 3
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class GapTrainSettings:
+    """Training schedule of one ensemble member (PBE stage, then experimental fine-tuning).
+
+    Attributes:
+        epochs: PBE epochs; each draws ``samples_per_epoch`` training compositions at random (without
+            replacement inside an epoch), so the whole MP table is not seen every epoch.
+        samples_per_epoch: compositions per PBE epoch (0 = all).
+        batch_size: compositions per step.
+        lr: peak AdamW learning rate of the PBE stage (cosine decay to 5 % of it).
+        weight_decay: AdamW weight decay.
+        finetune_epochs: epochs over the experimental training set, starting from the PBE weights.
+        finetune_lr: peak learning rate of the fine-tuning stage.
+        metal_loss_weight: weight of the metal/non-metal cross-entropy beside the Laplace NLL.
+    """
+
+    epochs: int = 40
+    samples_per_epoch: int = 16000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    finetune_epochs: int = 60
+    finetune_lr: float = 5e-4
+    metal_loss_weight: float = 1.0
+
+
+# -------------------------------------------------------------------------------------------------- graphs and data
+
+
+@functools.cache
+def element_input_table() -> torch.Tensor:
+    """Element properties of Z = 0..MAX_Z standardised over Z = 1..103, float32 of shape (MAX_Z + 1, 18).
+
+    Row 0 is zeros (padding); units before standardising are those of
+    :data:`materials.features.ELEMENT_PROPERTIES`.
+    """
+    table = np.zeros((MAX_Z + 1, len(ELEMENT_PROPERTIES)), dtype=np.float64)
+    for z in range(1, MAX_Z + 1):
+        props = element_properties(Element.from_Z(z).symbol)
+        table[z] = [props[name] for name in ELEMENT_PROPERTIES]
+    ref = table[1:104]
+    table[1:] = (table[1:] - ref.mean(0)) / np.where(ref.std(0) > 0, ref.std(0), 1.0)
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def formula_elements(formula: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """Reduced formula, atomic numbers (int64, shape (n,)) and atomic fractions (float32, shape (n,), sum 1).
+
+    Raises:
+        BandGapError: empty or unparseable formula, or an unknown element (named in the message).
+    """
+    try:
+        comp = parse_composition(formula)
+    except FeatureError as exc:
+        raise BandGapError(str(exc)) from None
+    amounts = comp.get_el_amt_dict()
+    symbols = sorted(amounts, key=lambda s: Element(s).Z)
+    z = np.array([Element(s).Z for s in symbols], dtype=np.int64)
+    if z.max() > MAX_Z:
+        raise BandGapError(f"formula {formula!r}: element Z={int(z.max())} is beyond the model's Z <= {MAX_Z}")
+    w = np.array([amounts[s] for s in symbols], dtype=np.float64)
+    return comp.reduced_formula, z, (w / w.sum()).astype(np.float32)
+
+
+def composition_graph(formula: str) -> Data:
+    """Composition graph of one formula.
+
+    Returns:
+        ``Data`` with ``z`` (int64, (n,)), ``weight`` (float32 atomic fractions, (n,)), ``edge_index``
+        (int64, (2, n*n): every ordered pair, self-loops included; row 0 source j, row 1 target i) and
+        ``formula`` (the pymatgen reduced formula).
+
+    Raises:
+        BandGapError: as :func:`formula_elements`.
+    """
+    reduced, z, w = formula_elements(formula)
+    n = len(z)
+    src, dst = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    edge_index = torch.tensor(np.stack([src.ravel(), dst.ravel()]), dtype=torch.long)
+    return Data(z=torch.from_numpy(z), weight=torch.from_numpy(w), edge_index=edge_index, formula=reduced, num_nodes=n)
+
+
+@functools.cache
+def _complete_pairs(n: int) -> np.ndarray:
+    src, dst = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return np.stack([src.ravel(), dst.ravel()])
+
+
+def collate_graphs(zs: Sequence[np.ndarray], ws: Sequence[np.ndarray]) -> Data:
+    """Batch many composition graphs into one disjoint graph (what torch_geometric's ``Batch`` would build, but
+    vectorised: batching 10^4 tiny graphs object by object dominates the training time otherwise).
+
+    Returns:
+        ``Data`` with ``z`` (N,), ``weight`` (N,), ``edge_index`` (2, E), ``batch`` (N,) graph index of each node,
+        and ``num_graphs``.
+    """
+    sizes = np.fromiter((len(z) for z in zs), dtype=np.int64, count=len(zs))
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    edges = []
+    for n in np.unique(sizes):
+        which = np.flatnonzero(sizes == n)
+        pairs = _complete_pairs(int(n))  # (2, n*n)
+        edges.append((pairs[:, None, :] + offsets[which][None, :, None]).reshape(2, -1))
+    return Data(
+        z=torch.from_numpy(np.concatenate(zs)),
+        weight=torch.from_numpy(np.concatenate(ws)),
+        edge_index=torch.from_numpy(np.concatenate(edges, axis=1)),
+        batch=torch.from_numpy(np.repeat(np.arange(len(zs)), sizes)),
+        num_graphs=len(zs),
+    )
+
+
+@dataclass
+class GapDataset:
+    """Compositions with a gap (eV) each: the formula's elements and fractions precomputed.
+
+    ``z[i]``/``w[i]`` as returned by :func:`formula_elements`; ``gap`` float32 of shape (n,).
+    """
+
+    formulas: list[str]
+    z: list[np.ndarray]
+    w: list[np.ndarray]
+    gap: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, float]]) -> GapDataset:
+        formulas, zs, ws, gaps = [], [], [], []
+        for formula, gap in pairs:
+            reduced, z, w = formula_elements(formula)
+            formulas.append(reduced)
+            zs.append(z)
+            ws.append(w)
+            gaps.append(gap)
+        return cls(formulas, zs, ws, np.asarray(gaps, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.formulas)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> GapDataset:
+        index = np.asarray(index, dtype=np.int64)
+        return GapDataset(
+            [self.formulas[i] for i in index], [self.z[i] for i in index], [self.w[i] for i in index], self.gap[index]
+        )
+
+
+def split_of(formula: str, test_percent: float = 5.0, val_percent: float = 5.0) -> str:
+    """``train``, ``val`` or ``test`` for a reduced formula, from a hash of the formula alone.
+
+    The same formula lands in the same split in every data set and every run, so no composition is in both
+    training and test data of either fidelity.
+    """
+    bucket = int(hashlib.sha1(formula.encode()).hexdigest()[:8], 16) % 10000 / 100.0
+    if bucket < test_percent:
+        return "test"
+    if bucket < test_percent + val_percent:
+        return "val"
+    return "train"
+
+
+# -------------------------------------------------------------------------------------------------------------- model
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, n_out))
+
+
+class FractionAttention(MessagePassing):
+    """One message-passing layer: node i gathers from every node j with attention weights
+    ``softmax_j(e_ij + log w_j)`` per head (``w_j`` the atomic fraction of j), residual update.
+
+    Shapes: ``h`` (N, hidden), ``log_w`` (N,), ``edge_index`` (2, E) -> (N, hidden).
+    """
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__(aggr="add", node_dim=0)
+        self.heads = heads
+        self.hidden = hidden
+        self.gate = _mlp(2 * hidden, hidden, heads)
+        self.value = _mlp(2 * hidden, hidden, heads * hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, h: torch.Tensor, log_w: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.propagate(edge_index, h=h, log_w=log_w))
+
+    def message(self, h_i, h_j, log_w_j, index, ptr, size_i):  # MessagePassing hook: one row per edge j -> i
+        pair = torch.cat([h_i, h_j], dim=-1)
+        attention = softmax(self.gate(pair) + log_w_j[:, None], index, ptr, size_i)  # (E, heads)
+        values = self.value(pair).view(-1, self.heads, self.hidden)
+        return (attention[..., None] * values).mean(dim=1)
+
+
+class GapNet(nn.Module):
+    """Composition graph -> (logit of gap > 0, gap mean mu in eV, log of the Laplace scale b in eV), each (G,)."""
+
+    def __init__(self, settings: GapModelSettings):
+        super().__init__()
+        self.settings = settings
+        hidden, heads = settings.hidden, settings.heads
+        self.register_buffer("element_inputs", element_input_table().clone(), persistent=False)
+        self.embedding = nn.Embedding(MAX_Z + 1, settings.embedding)
+        self.encode = nn.Linear(len(ELEMENT_PROPERTIES) + settings.embedding, hidden)
+        self.layers = nn.ModuleList(FractionAttention(hidden, heads) for _ in range(settings.layers))
+        self.pool_gate = _mlp(hidden, hidden, heads)
+        self.pool_value = _mlp(hidden, hidden, heads * hidden)
+        self.head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, 3)
+
+    def forward(self, graph: Data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, batch = graph.z, graph.batch
+        log_w = torch.log(graph.weight)
+        h = self.encode(torch.cat([self.element_inputs[z], self.embedding(z)], dim=-1))
+        for layer in self.layers:
+            h = layer(h, log_w, graph.edge_index)
+        heads, hidden = self.settings.heads, self.settings.hidden
+        attention = softmax(self.pool_gate(h) + log_w[:, None], batch, num_nodes=graph.num_graphs)  # (N, heads)
+        values = self.pool_value(h).view(-1, heads, hidden)
+        pooled = scatter((attention[..., None] * values).mean(dim=1), batch, dim=0, dim_size=graph.num_graphs)
+        logit, mu, log_b = self.out(self.head(pooled)).unbind(dim=-1)
+        return logit, mu, log_b.clamp(-6.0, 3.0)
+
+
+def gap_loss(
+    logit: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor, gap: torch.Tensor, metal_weight: float = 1.0
+) -> torch.Tensor:
+    """Cross-entropy of gap > 0 plus the Laplace negative log-likelihood of the gap on non-metals (mean per item)."""
+    nonmetal = gap > METAL_THRESHOLD
+    loss = metal_weight * nn.functional.binary_cross_entropy_with_logits(logit, nonmetal.float())
+    if nonmetal.any():
+        err = (gap[nonmetal] - mu[nonmetal]).abs()
+        loss = loss + (err * torch.exp(-log_b[nonmetal]) + log_b[nonmetal]).mean()
+    return loss
+
+
+def _batches(data: GapDataset, index: np.ndarray, batch_size: int):
+    for start in range(0, len(index), batch_size):
+        part = index[start : start + batch_size]
+        graph = collate_graphs([data.z[i] for i in part], [data.w[i] for i in part])
+        yield graph, torch.from_numpy(data.gap[part])
+
+
+@torch.no_grad()
+def model_outputs(model: GapNet, data: GapDataset, batch_size: int = 2048) -> dict[str, np.ndarray]:
+    """One model on a data set: ``p_metal``, ``mu`` (eV, clipped at 0) and Laplace ``b`` (eV), each (n,)."""
+    model.eval()
+    logits, mus, bs = [], [], []
+    for graph, _ in _batches(data, np.arange(len(data)), batch_size):
+        logit, mu, log_b = model(graph)
+        logits.append(logit)
+        mus.append(mu)
+        bs.append(torch.exp(log_b))
+    if not logits:
+        return {k: np.zeros(0) for k in ("p_metal", "mu", "b")}
+    return {
+        "p_metal": torch.sigmoid(-torch.cat(logits)).double().numpy(),
+        "mu": torch.cat(mus).clamp(min=0.0).double().numpy(),
+        "b": torch.cat(bs).double().numpy(),
+    }
+
+
+def combine_members(
+    outputs: Sequence[Mapping[str, np.ndarray]], sigma_scale: float = 1.0, metal_cut: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Ensemble prediction from members' :func:`model_outputs`.
+
+    Returns ``gap`` (eV: 0 when the mean ``p_metal`` >= ``metal_cut``, else the mean ``mu``), ``std`` (eV: the root
+    of the expected squared error of ``gap`` under the mixture of a metal and a Laplace gap with the members' mean scale
+    and the members' spread of ``mu`` added, times ``sigma_scale``) and ``p_metal``, each of shape (n,).
+    """
+    p = np.mean([o["p_metal"] for o in outputs], axis=0)
+    mus = np.stack([o["mu"] for o in outputs])
+    mu = mus.mean(axis=0)
+    var_reg = 2.0 * np.mean([o["b"] ** 2 for o in outputs], axis=0) + mus.var(axis=0)  # Laplace variance = 2 b^2
+    metal = p >= metal_cut
+    gap = np.where(metal, 0.0, mu)
+    var = np.where(metal, (1 - p) * (var_reg + mu**2), p * mu**2 + (1 - p) * var_reg)
+    return {"gap": gap, "std": sigma_scale * np.sqrt(var), "p_metal": p}
+
+
+def fit_sigma_scale(error: np.ndarray, std: np.ndarray, coverage: float = 0.6827) -> float:
+    """Factor s such that a fraction ``coverage`` of ``|error| <= s * std`` (items with std > 0)."""
+    ok = std > 0
+    if not ok.any():
+        return 1.0
+    return float(np.quantile(np.abs(error[ok]) / std[ok], coverage))
+
+
+def fit_metal_cut(outputs: Sequence[Mapping[str, np.ndarray]], gap: np.ndarray) -> float:
+    """The ``p_metal`` cut (0.2 .. 0.9) that minimises the MAE of :func:`combine_members` on ``gap`` (eV)."""
+    cuts = np.round(np.arange(0.2, 0.91, 0.05), 2)
+    maes = [np.mean(np.abs(combine_members(outputs, metal_cut=c)["gap"] - gap)) for c in cuts]
+    return float(cuts[int(np.argmin(maes))])
+
+
+def gap_metrics(pred: Mapping[str, np.ndarray], gap: np.ndarray) -> dict[str, float]:
+    """MAE and RMSE (eV), metal classification accuracy, and the fractions of errors within 1 and 2 sigma."""
+    err = pred["gap"] - gap
+    std = pred["std"]
+    return {
+        "n": float(len(gap)),
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "metal_accuracy": float(np.mean((pred["gap"] <= METAL_THRESHOLD) == (gap <= METAL_THRESHOLD))),
+        "within_1sigma": float(np.mean(np.abs(err) <= std)),
+        "within_2sigma": float(np.mean(np.abs(err) <= 2 * std)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------- training
+
+
+def train_model(
+    model: GapNet,
+    train: GapDataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    samples_per_epoch: int = 0,
+    weight_decay: float = 1e-5,
+    metal_weight: float = 1.0,
+    val: GapDataset | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place with AdamW and a cosine learning rate (peak ``lr``, floor 5 %).
+
+    Each epoch draws ``samples_per_epoch`` training items (0 = all) without replacement. After each epoch the
+    mean training loss and, with ``val``, the single-model validation MAE (eV) are recorded and passed to
+    ``on_epoch(epoch, metrics)``. Deterministic for a given ``seed`` on one thread.
+
+    Returns:
+        one metrics dict per epoch.
+    """
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    n_per_epoch = len(train) if samples_per_epoch <= 0 else min(samples_per_epoch, len(train))
+    steps = epochs * math.ceil(n_per_epoch / batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    )
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        start, total, count = time.perf_counter(), 0.0, 0
+        index = rng.permutation(len(train))[:n_per_epoch]
+        for graph, gap in _batches(train, index, batch_size):
+            logit, mu, log_b = model(graph)
+            loss = gap_loss(logit, mu, log_b, gap, metal_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(gap)
+            count += len(gap)
+        metrics = {"train_loss": total / max(count, 1), "epoch_seconds": time.perf_counter() - start}
+        if val is not None and len(val):
+            metrics["val_mae"] = gap_metrics(combine_members([model_outputs(model, val)]), val.gap)["mae"]
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return history
+
+
+def train_pbe_model(
+    pbe_train: GapDataset,
+    model_settings: GapModelSettings,
+    train_settings: GapTrainSettings,
+    seed: int,
+    val: GapDataset | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[GapNet, list[dict[str, float]]]:
+    """Stage 1 of an ensemble member: a PBE model trained from scratch (seeded). Returns the model and its history."""
+    s = train_settings
+    torch.manual_seed(seed)
+    model = GapNet(model_settings)
+    history = train_model(
+        model,
+        pbe_train,
+        epochs=s.epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        seed=seed,
+        samples_per_epoch=s.samples_per_epoch,
+        weight_decay=s.weight_decay,
+        metal_weight=s.metal_loss_weight,
+        val=val,
+        on_epoch=on_epoch,
+    )
+    return model, history
+
+
+def finetune_expt_model(
+    pbe_model: GapNet,
+    expt_train: GapDataset,
+    train_settings: GapTrainSettings,
+    seed: int,
+    val: GapDataset | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[GapNet, list[dict[str, float]]]:
+    """Stage 2: a copy of the PBE model fine-tuned (all weights) on experimental gaps. Returns it and its history."""
+    s = train_settings
+    model = copy.deepcopy(pbe_model)
+    history = train_model(
+        model,
+        expt_train,
+        epochs=s.finetune_epochs,
+        lr=s.finetune_lr,
+        batch_size=s.batch_size,
+        seed=seed + 1,
+        weight_decay=s.weight_decay,
+        metal_weight=s.metal_loss_weight,
+        val=val,
+        on_epoch=on_epoch,
+    )
+    return model, history
+
+
+# ------------------------------------------------------------------------------------------------------------ ensemble
+
+
+@dataclass
+class GapEnsemble:
+    """Trained members at both fidelities plus the sigma calibration factors.
+
+    Attributes:
+        model_settings: architecture of every member.
+        members: per fidelity (``pbe``, ``expt``) the list of trained :class:`GapNet`.
+        sigma_scale: per fidelity, the factor applied to the ensemble sigma (fitted on validation compositions).
+        metal_cut: per fidelity, the ``p_metal`` at and above which the predicted gap is 0 (fitted likewise).
+        info: provenance (training settings, data counts, metrics) stored with the weights.
+    """
+
+    model_settings: GapModelSettings
+    members: dict[str, list[GapNet]]
+    sigma_scale: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FIDELITIES})
+    metal_cut: dict[str, float] = field(default_factory=lambda: {f: 0.5 for f in FIDELITIES})
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def outputs(self, fidelity: str, data: GapDataset) -> list[dict[str, np.ndarray]]:
+        return [model_outputs(m, data) for m in self.members[fidelity]]
+
+    def predict_dataset(self, fidelity: str, data: GapDataset) -> dict[str, np.ndarray]:
+        """``gap``, ``std`` (eV) and ``p_metal`` of every composition in ``data`` at one fidelity."""
+        return combine_members(self.outputs(fidelity, data), self.sigma_scale[fidelity], self.metal_cut[fidelity])
+
+    def save(self, path: str | Path) -> Path:
+        """Write a weights-only torch file (float32 state dicts, settings, calibration, info)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": "semidisc-bandgap-ensemble/1",
+            "model_settings": asdict(self.model_settings),
+            "members": {f: [m.state_dict() for m in ms] for f, ms in self.members.items()},
+            "sigma_scale": dict(self.sigma_scale),
+            "metal_cut": dict(self.metal_cut),
+            "info": self.info,
+        }
+        torch.save(payload, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> GapEnsemble:
+        """Read a file written by :meth:`save` (weights-only unpickling).
+
+        Raises:
+            BandGapError: missing or not an ensemble file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise BandGapError(
+                f"band-gap model {path} not found; train one with `semidisc train-gap configs/bandgap.yaml`"
+            )
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "semidisc-bandgap-ensemble/1":
+            raise BandGapError(f"{path} is not a semidisc band-gap ensemble file")
+        settings = GapModelSettings(**payload["model_settings"])
+        members: dict[str, list[GapNet]] = {}
+        for fidelity, states in payload["members"].items():
+            members[fidelity] = []
+            for state in states:
+                model = GapNet(settings)
+                model.load_state_dict(state)
+                model.eval()
+                members[fidelity].append(model)
+        cut = dict(payload.get("metal_cut", {f: 0.5 for f in FIDELITIES}))
+        return cls(settings, members, dict(payload["sigma_scale"]), cut, payload.get("info", {}))
+
+
+def shipped_model_path() -> Path:
+    """Path of the ensemble shipped in the package (it may be absent in a checkout that has not trained one)."""
+    return Path(str(resources.files("materials.data").joinpath(SHIPPED_MODEL)))
+
+
+@functools.lru_cache(maxsize=4)
+def load_ensemble(path: str | None = None) -> GapEnsemble:
+    """The ensemble at ``path`` (default: the shipped one), loaded once per process."""
+    return GapEnsemble.load(path or shipped_model_path())
+
+
+def predict_gaps(formulas: Sequence[str], model_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Predict band gaps of formulas with the shipped ensemble (offline, cached after the first call).
+
+    Returns one dict per input formula, in order: ``formula`` (as given), ``reduced_formula``, ``gap_pbe``,
+    ``gap_pbe_std``, ``gap_expt``, ``gap_expt_std`` (eV; a gap of 0 means predicted metal), ``p_metal``
+    (probability that the experimental gap is 0, from the fine-tuned classifier), ``p_metal_pbe`` (same at PBE)
+    and ``error`` (None, or why the formula could not be read; its numbers are then NaN). A bad formula does not
+    stop the batch.
+
+    Raises:
+        BandGapError: the model file is missing or unusable.
+    """
+    ensemble = load_ensemble(None if model_path is None else str(model_path))
+    rows: list[dict[str, Any]] = []
+    pairs, where = [], []
+    for i, formula in enumerate(formulas):
+        row: dict[str, Any] = {"formula": formula, "reduced_formula": None}
+        row.update({k: math.nan for k in (*PREDICTION_COLUMNS, "p_metal_pbe")})
+        row["error"] = None
+        try:
+            reduced, z, w = formula_elements(formula)
+        except BandGapError as exc:
+            row["error"] = str(exc)
+        else:
+            row["reduced_formula"] = reduced
+            pairs.append((z, w))
+            where.append(i)
+        rows.append(row)
+    if pairs:
+        data = GapDataset(
+            [rows[i]["reduced_formula"] for i in where],
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            np.zeros(len(pairs), dtype=np.float32),
+        )
+        with torch.inference_mode():
+            pbe = ensemble.predict_dataset("pbe", data)
+            expt = ensemble.predict_dataset("expt", data)
+        for k, i in enumerate(where):
+            rows[i].update(
+                gap_pbe=float(pbe["gap"][k]),
+                gap_pbe_std=float(pbe["std"][k]),
+                gap_expt=float(expt["gap"][k]),
+                gap_expt_std=float(expt["std"][k]),
+                p_metal=float(expt["p_metal"][k]),
+                p_metal_pbe=float(pbe["p_metal"][k]),
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- data sets
+
+
+def _per_formula(rows, policy: str) -> dict[str, float]:
+    """One gap per reduced formula: ``ground_state`` (lowest MP formation energy; mean of the rows when none has
+    one) or ``mean``."""
+    grouped: dict[str, list] = {}
+    for row in rows:
+        grouped.setdefault(row.formula, []).append(row)
+    out = {}
+    for formula, group in grouped.items():
+        ranked = [r for r in group if r.e_form_per_atom is not None]
+        if policy == "ground_state" and ranked:
+            out[formula] = min(ranked, key=lambda r: r.e_form_per_atom).value
+        else:
+            out[formula] = float(np.mean([r.value for r in group]))
+    return out
+
+
+def reference_gaps(name: str, method: str | None = None) -> dict[str, float]:
+    """Band gap (eV) per reduced formula of a shipped set: ``mp`` (PBE, ground-state polymorph), ``zhuo``
+    (experiment, mean of repeated measurements) or ``borlido`` (experiment, or the column ``method``;
+    ground-state polymorph)."""
+    from materials.reference import load_reference
+
+    ref = load_reference(name, "band_gap", method=method)
+    return _per_formula(ref.rows, "mean" if name == "zhuo" else "ground_state")
+
+
+def split_gaps(
+    gaps: Mapping[str, float], exclude: set[str], test_percent: float, val_percent: float
+) -> dict[str, list[tuple[str, float]]]:
+    """``train``/``val``/``test`` lists of (formula, gap) by :func:`split_of`, leaving out ``exclude``."""
+    out: dict[str, list[tuple[str, float]]] = {"train": [], "val": [], "test": []}
+    for formula in sorted(gaps):
+        if formula not in exclude:
+            out[split_of(formula, test_percent, val_percent)].append((formula, gaps[formula]))
+    return out

@@ -1,0 +1,392 @@
+"""Band-gap model orchestration: train the ensemble from a YAML config (MLflow-tracked, registered), predict gaps
+for a CSV of formulas, and add predicted gaps to a screen's results.csv.
+
+The science (graphs, network, training loop, ensemble) is :mod:`materials.bandgap`; this module reads configs,
+assembles the data splits, logs to MLflow and writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, ValidationError
+
+from materials.bandgap import (
+    FIDELITIES,
+    PREDICTION_COLUMNS,
+    BandGapError,
+    GapDataset,
+    GapEnsemble,
+    GapModelSettings,
+    GapNet,
+    GapTrainSettings,
+    combine_members,
+    finetune_expt_model,
+    fit_metal_cut,
+    fit_sigma_scale,
+    gap_metrics,
+    predict_gaps,
+    reference_gaps,
+    shipped_model_path,
+    split_gaps,
+    train_pbe_model,
+)
+from pipelines.config import ConfigError, TrackingSettings, _format_errors, _read_yaml, _Strict
+from pipelines.tracking import Tracker, git_commit
+
+log = logging.getLogger(__name__)
+
+
+class GapDataSettings(_Strict):
+    """Which compositions train, validate and test. A reduced formula's split comes from a hash of the formula
+    (:func:`materials.bandgap.split_of`), identical for the MP and the experimental set, so a test composition is
+    never trained on at either fidelity. Every Borlido 2019 composition is removed from all of them (external test).
+
+    ``max_mp_train``/``max_expt_train`` cap the training sets (smoke runs; null = all).
+    """
+
+    test_percent: float = Field(default=8.0, ge=0, lt=50)
+    val_percent: float = Field(default=7.0, ge=0, lt=50)
+    max_mp_train: int | None = Field(default=None, ge=10)
+    max_expt_train: int | None = Field(default=None, ge=10)
+
+
+class BandGapConfig(_Strict):
+    name: str = "bandgap"
+    seed: int = 0
+    members: int = Field(default=4, ge=1, description="ensemble size (seeds seed, seed+1, ...)")
+    model: GapModelSettings = Field(default_factory=GapModelSettings)
+    training: GapTrainSettings = Field(default_factory=GapTrainSettings)
+    data: GapDataSettings = Field(default_factory=GapDataSettings)
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-bandgap"))
+    registered_model_name: str | None = "semidisc-bandgap"
+    output: str = Field(default="materials/data/bandgap_ensemble.pt", description="where the ensemble is written")
+    work_dir: str = Field(default="runs/bandgap", description="finished members are kept here (resume)")
+
+    def flat_params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+
+def load_bandgap_config(path: str | Path) -> BandGapConfig:
+    """Read and validate ``configs/bandgap.yaml``; :class:`ConfigError` names the file and the bad key."""
+    try:
+        return BandGapConfig.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None
+
+
+def build_datasets(config: BandGapConfig) -> dict[str, GapDataset]:
+    """``mp_train``, ``mp_val``, ``mp_test``, ``expt_train``, ``expt_val``, ``expt_test`` and ``borlido``."""
+    d = config.data
+    borlido = reference_gaps("borlido")
+    exclude = set(borlido)
+    out: dict[str, GapDataset] = {}
+    for prefix, name, cap in (("mp", "mp", d.max_mp_train), ("expt", "zhuo", d.max_expt_train)):
+        parts = split_gaps(reference_gaps(name), exclude, d.test_percent, d.val_percent)
+        if cap is not None:
+            parts["train"] = parts["train"][:cap]
+            parts["val"] = parts["val"][: max(cap // 5, 20)]
+            parts["test"] = parts["test"][: max(cap // 5, 20)]
+        for split, pairs in parts.items():
+            out[f"{prefix}_{split}"] = GapDataset.from_pairs(pairs)
+    out["borlido"] = GapDataset.from_pairs(sorted(borlido.items()))
+    train_formulas = set(out["mp_train"].formulas) | set(out["expt_train"].formulas)
+    for held_out in ("mp_test", "expt_test", "borlido"):
+        leaked = train_formulas & set(out[held_out].formulas)
+        if leaked:  # guards the split rules above
+            raise RuntimeError(f"{len(leaked)} {held_out} compositions are in training data, e.g. {sorted(leaked)[:3]}")
+    return out
+
+
+def evaluate_ensemble(ensemble: GapEnsemble, data: dict[str, GapDataset]) -> dict[str, float]:
+    """Held-out metrics: ``mp_test_*`` (PBE), ``expt_test_*`` (Zhuo), ``borlido_expt_*`` (gap_expt vs experiment),
+    ``borlido_pbe_*`` (gap_pbe vs Borlido's PBE column, where it has one; ground-state polymorph per formula)."""
+    metrics: dict[str, float] = {}
+    for key, fidelity, dataset in (
+        ("mp_test", "pbe", data["mp_test"]),
+        ("expt_test", "expt", data["expt_test"]),
+        ("borlido_expt", "expt", data["borlido"]),
+    ):
+        if len(dataset):
+            pred = ensemble.predict_dataset(fidelity, dataset)
+            metrics.update({f"{key}_{k}": v for k, v in gap_metrics(pred, dataset.gap).items()})
+    borlido_pbe = GapDataset.from_pairs(sorted(reference_gaps("borlido", method="PBE").items()))
+    pred = ensemble.predict_dataset("pbe", borlido_pbe)
+    metrics.update({f"borlido_pbe_{k}": v for k, v in gap_metrics(pred, borlido_pbe.gap).items()})
+    return metrics
+
+
+#: Training settings that only the fine-tuning stage reads.
+_FINETUNE_FIELDS = ("finetune_epochs", "finetune_lr")
+
+
+def _stage_fingerprint(config: BandGapConfig, stage: str) -> str:
+    """Everything a stage's weights depend on: the PBE stage ignores the fine-tuning settings, so changing those
+    re-runs only the (fast) fine-tuning of saved PBE members."""
+    dump = config.model_dump(mode="json", include={"seed", "model", "training", "data"})
+    if stage == "pbe":
+        dump["training"] = {k: v for k, v in dump["training"].items() if k not in _FINETUNE_FIELDS}
+    return json.dumps(dump, sort_keys=True)
+
+
+def _member_stage(
+    config: BandGapConfig,
+    data: dict[str, GapDataset],
+    work: Path,
+    k: int,
+    stage: str,
+    resume: bool,
+    pbe: GapNet | None = None,
+) -> tuple[GapNet, list[dict[str, float]]]:
+    """Train (or reload from ``work``) stage ``pbe`` or ``expt`` of member ``k`` (seed ``config.seed + k``)."""
+    import torch
+
+    path = work / f"member{k}_{stage}.pt"
+    fingerprint = _stage_fingerprint(config, stage)
+    if resume and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            model = GapNet(config.model)
+            model.load_state_dict(saved["state"])
+            log.info("member %d %s stage reused from %s", k, stage, path)
+            return model, saved["history"]
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        log.info("member %d %s epoch %d %s", k, stage, epoch, metrics)
+
+    seed = config.seed + k
+    if stage == "pbe":
+        val = data["mp_val"].subset(np.arange(min(len(data["mp_val"]), 2000)))  # per-epoch curve only
+        model, history = train_pbe_model(data["mp_train"], config.model, config.training, seed, val, on_epoch)
+    else:
+        model, history = finetune_expt_model(pbe, data["expt_train"], config.training, seed, data["expt_val"], on_epoch)
+    history = [{"stage": stage, "epoch": i, **h} for i, h in enumerate(history)]
+    torch.save({"fingerprint": fingerprint, "state": model.state_dict(), "history": history}, path)
+    return model, history
+
+
+def run_train_gap(config: BandGapConfig, resume: bool = True, only_members: list[int] | None = None) -> dict[str, Any]:
+    """Train (or finish training) the ensemble of ``config``, calibrate its sigma on validation compositions,
+    evaluate it on held-out sets, write it to ``config.output`` and log everything to MLflow.
+
+    Finished members are kept in ``config.work_dir`` and reused when ``resume`` is true (same settings only).
+    ``only_members`` trains just those members and stops there (``output`` None): run several such processes in
+    parallel, then one plain run assembles the ensemble from their files.
+
+    Returns:
+        ``{"output", "metrics", "seconds", "mlflow_run_id", "counts"}``.
+    """
+    import torch
+
+    torch.set_num_threads(1)  # 2 threads beside other work slowed training 10x on this class of machine
+    start = time.perf_counter()
+    data = build_datasets(config)
+    counts = {f"n_{k}": len(v) for k, v in data.items()}
+    work = Path(config.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    # member-only processes run beside each other: they do not write to the SQLite store, the assembling run does
+    tracking = config.tracking if only_members is None else config.tracking.model_copy(update={"enabled": False})
+    tracker = Tracker(tracking, run_name=config.name)
+    status = "FAILED"
+    try:
+        tracker.log_params(config.flat_params() | counts)
+        tracker.set_tags({"git_commit": git_commit(), "model": "roost-like fraction-attention GNN (torch-geometric)"})
+        members: dict[str, list[GapNet]] = {f: [] for f in FIDELITIES}
+        history: dict[str, list[dict[str, float]]] = {}
+        for k in only_members if only_members is not None else range(config.members):
+            if not 0 <= k < config.members:
+                raise ValueError(f"member {k} is outside 0..{config.members - 1}")
+            pbe, pbe_history = _member_stage(config, data, work, k, "pbe", resume)
+            expt, expt_history = _member_stage(config, data, work, k, "expt", resume, pbe)
+            members["pbe"].append(pbe)
+            members["expt"].append(expt)
+            history[f"member{k}"] = pbe_history + expt_history
+            for row in history[f"member{k}"]:  # loss curves, one MLflow step per epoch (expt after pbe)
+                step = row["epoch"] + (config.training.epochs if row["stage"] == "expt" else 0)
+                values = {n: v for n, v in row.items() if n not in ("stage", "epoch")}
+                tracker.log_metrics({f"member{k}_{row['stage']}_{n}": v for n, v in values.items()}, step=step)
+
+        if only_members is not None:
+            status = "FINISHED"
+            return {
+                "output": None,
+                "metrics": {},
+                "seconds": time.perf_counter() - start,
+                "mlflow_run_id": tracker.run_id,
+                "counts": counts,
+            }
+        ensemble = GapEnsemble(config.model, members)
+        for fidelity, val in (("pbe", data["mp_val"]), ("expt", data["expt_val"])):
+            if len(val):  # calibration on validation compositions: the metal cut first, then sigma around it
+                outputs = ensemble.outputs(fidelity, val)
+                ensemble.metal_cut[fidelity] = fit_metal_cut(outputs, val.gap)
+                raw = combine_members(outputs, metal_cut=ensemble.metal_cut[fidelity])
+                ensemble.sigma_scale[fidelity] = fit_sigma_scale(raw["gap"] - val.gap, raw["std"])
+        metrics = evaluate_ensemble(ensemble, data)
+        metrics.update({f"sigma_scale_{f}": s for f, s in ensemble.sigma_scale.items()})
+        metrics.update({f"metal_cut_{f}": c for f, c in ensemble.metal_cut.items()})
+        seconds = time.perf_counter() - start
+        metrics["train_seconds"] = seconds
+        ensemble.info = {
+            "config": config.model_dump(mode="json"),
+            "counts": counts,
+            "metrics": metrics,
+            "git_commit": git_commit(),
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        output = ensemble.save(config.output)
+        tracker.log_metrics(metrics)
+        tracker.log_dict(history, "training_history.json")
+        tracker.log_dict(metrics, "heldout_metrics.json")
+        tracker.log_artifact(output)
+        _log_training_curves(history, work / "loss_curves.png", tracker)
+        if tracker.enabled and config.registered_model_name:
+            _register_model(tracker, output, config.registered_model_name)
+        status = "FINISHED"
+        return {
+            "output": output,
+            "metrics": metrics,
+            "seconds": seconds,
+            "mlflow_run_id": tracker.run_id,
+            "counts": counts,
+        }
+    finally:
+        tracker.end(status)
+
+
+def _log_training_curves(history: dict[str, list[dict[str, float]]], path: Path, tracker: Tracker) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for name, rows in history.items():
+        for ax, stage in zip(axes, ("pbe", "expt"), strict=True):
+            rows_stage = [r for r in rows if r["stage"] == stage and "val_mae" in r]
+            ax.plot([r["epoch"] for r in rows_stage], [r["val_mae"] for r in rows_stage], label=name)
+    for ax, title in zip(axes, ("PBE (MP validation)", "experiment (Zhuo validation)"), strict=True):
+        ax.set(title=title, xlabel="epoch", ylabel="single-model MAE (eV)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    tracker.log_artifact(path)
+
+
+def _register_model(tracker: Tracker, ensemble_path: Path, name: str) -> None:
+    """Log the ensemble as an MLflow pyfunc model (input: a ``formula`` column) and register it as ``name``."""
+    import mlflow
+    import pandas as pd
+
+    from pipelines.gap_pyfunc import BandGapPyfunc
+
+    mlflow.pyfunc.log_model(
+        name="bandgap_model",
+        python_model=BandGapPyfunc(),
+        artifacts={"ensemble": str(ensemble_path)},
+        input_example=pd.DataFrame({"formula": ["GaAs", "ZnO"]}),
+        pip_requirements=["semidisc", "torch", "torch-geometric", "pymatgen"],
+        registered_model_name=name,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- prediction
+
+
+def predict_gap_csv(
+    input_csv: str | Path, formula_column: str, out_csv: str | Path, model_path: str | Path | None = None
+) -> dict[str, int]:
+    """Predict gaps for every row of a CSV and write the input columns plus ``gap_pbe, gap_pbe_std, gap_expt,
+    gap_expt_std, p_metal`` (eV; p_metal a probability) and ``error`` (why a row has no prediction).
+
+    Returns:
+        ``{"n_rows", "n_ok", "n_failed"}``.
+
+    Raises:
+        FileNotFoundError: no input file. ValueError: no such column (listing the columns).
+    """
+    input_csv = Path(input_csv)
+    if not input_csv.is_file():
+        raise FileNotFoundError(f"{input_csv}: no such file")
+    with input_csv.open(newline="") as handle:  # csv module, not pandas: pandas reads the formula "NaN" as missing
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if formula_column not in columns:
+        raise ValueError(f"{input_csv}: no column {formula_column!r}; columns are {columns}")
+    predictions = predict_gaps([row[formula_column] for row in rows], model_path=model_path)
+    added = [*PREDICTION_COLUMNS, "error"]
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns + [c for c in added if c not in columns])
+        writer.writeheader()
+        for row, pred in zip(rows, predictions, strict=True):
+            writer.writerow(row | {c: _cell(pred[c]) for c in added})
+    n_failed = sum(p["error"] is not None for p in predictions)
+    return {"n_rows": len(rows), "n_ok": len(rows) - n_failed, "n_failed": n_failed}
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def add_gap_columns(results_csv: str | Path, formula_column: str = "formula") -> bool:
+    """Append predicted gaps (:data:`materials.bandgap.PREDICTION_COLUMNS`) to a screen's results.csv in place.
+
+    Fails soft: without a shipped model (or on a model error) it logs a warning, leaves the file as it is and
+    returns False.
+    """
+    path = Path(results_csv)
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+        predictions = predict_gaps([row.get(formula_column) or "" for row in rows])
+    except (BandGapError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        log.warning("no band-gap predictions in %s: %s", path, exc)
+        return False
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns + [c for c in PREDICTION_COLUMNS if c not in columns])
+        writer.writeheader()
+        for row, pred in zip(rows, predictions, strict=True):
+            writer.writerow(row | {c: _cell(pred[c]) for c in PREDICTION_COLUMNS})
+    return True
+
+
+def shipped_model_summary() -> dict[str, Any]:
+    """The metrics stored with the shipped ensemble (empty when none ships)."""
+    path = shipped_model_path()
+    if not path.is_file():
+        return {}
+    from materials.bandgap import load_ensemble
+
+    return dict(load_ensemble().info.get("metrics", {}))
+
+
+__all__ = [
+    "BandGapConfig",
+    "GapDataSettings",
+    "add_gap_columns",
+    "build_datasets",
+    "evaluate_ensemble",
+    "load_bandgap_config",
+    "predict_gap_csv",
+    "run_train_gap",
+]

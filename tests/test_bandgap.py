@@ -1,0 +1,176 @@
+"""Band-gap GNN: composition graphs, a tiny real training run, the ensemble, the shipped model and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+
+from materials.bandgap import (
+    BandGapError,
+    GapDataset,
+    GapModelSettings,
+    GapNet,
+    GapTrainSettings,
+    collate_graphs,
+    combine_members,
+    composition_graph,
+    formula_elements,
+    gap_metrics,
+    model_outputs,
+    predict_gaps,
+    shipped_model_path,
+    split_of,
+    train_model,
+    train_pbe_model,
+)
+from pipelines.cli import main
+from pipelines.config import ConfigError
+from pipelines.train_gap import add_gap_columns, load_bandgap_config
+
+TINY = GapModelSettings(hidden=32, embedding=8, layers=2, heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mp_sample() -> tuple[GapDataset, GapDataset]:
+    """600 MP compositions (first rows of the shipped table, one per formula), split by formula hash."""
+    with resources.files("materials.data").joinpath("mp_pbe_bandgaps.csv.gz").open("rb") as raw:
+        text = gzip.decompress(raw.read()).decode()
+    seen: dict[str, float] = {}
+    for rec in csv.DictReader(io.StringIO(text)):
+        seen.setdefault(rec["pretty_formula"], float(rec["band_gap"]))
+        if len(seen) == 600:
+            break
+    data = GapDataset.from_pairs(list(seen.items()))
+    test = np.array([split_of(f, 20, 0) == "test" for f in data.formulas])
+    return data.subset(np.flatnonzero(~test)), data.subset(np.flatnonzero(test))
+
+
+def test_graph_fractions_and_edges():
+    g = composition_graph("Fe2O3")
+    assert g.formula == "Fe2O3"
+    assert g.z.tolist() == [8, 26]  # ordered by Z
+    assert g.weight.tolist() == pytest.approx([0.6, 0.4])
+    assert g.edge_index.shape == (2, 4)  # every ordered pair with self-loops
+    assert sorted(map(tuple, g.edge_index.T.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reduced, z, w = formula_elements("Ga0.5In0.5As")
+    assert reduced == "In0.5Ga0.5As1"  # pymatgen's reduced formula of a fractional composition
+    assert z.tolist() == [31, 33, 49] and w.tolist() == pytest.approx([0.25, 0.5, 0.25])
+    assert formula_elements("Cu")[2].tolist() == [1.0]
+
+
+def test_collate_offsets_edges_per_graph():
+    graphs = [formula_elements(f) for f in ("Cu", "GaAs", "CuInSe2")]
+    batch = collate_graphs([g[1] for g in graphs], [g[2] for g in graphs])
+    assert batch.batch.tolist() == [0, 1, 1, 2, 2, 2]
+    assert batch.edge_index.shape == (2, 1 + 4 + 9)
+    src, dst = batch.edge_index
+    assert torch.equal(batch.batch[src], batch.batch[dst])  # no edge crosses graphs
+    assert batch.weight[batch.batch == 2].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "formula, fragment",
+    [("GaXx", "Xx"), ("", "empty"), ("   ", "empty"), ("Ga2As)", "cannot be parsed"), ("Qq2O", "Qq")],
+)
+def test_bad_formulas_raise_naming_the_problem(formula, fragment):
+    with pytest.raises(BandGapError, match=fragment):
+        composition_graph(formula)
+
+
+def test_tiny_training_beats_the_mean_and_is_deterministic(mp_sample):
+    train, test = mp_sample
+    assert len(train) > 400 and len(test) > 60
+    assert not set(train.formulas) & set(test.formulas)
+    settings = GapTrainSettings(epochs=25, samples_per_epoch=0, batch_size=64, lr=3e-3)
+
+    def fit(seed: int) -> GapNet:
+        return train_pbe_model(train, TINY, settings, seed)[0]
+
+    model = fit(0)
+    pred = combine_members([model_outputs(model, test)])
+    mae = gap_metrics(pred, test.gap)["mae"]
+    baseline = float(np.mean(np.abs(test.gap - train.gap.mean())))
+    assert mae < 0.8 * baseline, f"{mae=:.3f} vs mean predictor {baseline:.3f}"
+
+    again = model_outputs(fit(0), test)
+    first = model_outputs(model, test)
+    for key in ("p_metal", "mu", "b"):
+        np.testing.assert_array_equal(first[key], again[key])
+
+    other = model_outputs(fit(1), test)
+    ensemble = combine_members([first, other])
+    assert not np.array_equal(first["mu"], other["mu"])
+    assert np.all(ensemble["std"] > 0)
+    assert np.all((ensemble["p_metal"] >= 0) & (ensemble["p_metal"] <= 1))
+    metals = ensemble["p_metal"] >= 0.5
+    assert np.all(ensemble["gap"][metals] == 0) and np.all(ensemble["gap"][~metals] >= 0)
+
+
+def test_train_loss_decreases(mp_sample):
+    train, _ = mp_sample
+    torch.manual_seed(0)
+    history = train_model(GapNet(TINY), train, epochs=6, lr=3e-3, batch_size=64, seed=0)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+
+
+def test_config_is_strict(tmp_path):
+    config = load_bandgap_config("configs/bandgap.yaml")
+    assert config.members >= 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epoks: 3\n")
+    with pytest.raises(ConfigError, match="epoks"):
+        load_bandgap_config(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- shipped model
+
+
+def test_shipped_model_predicts_known_gaps():
+    assert shipped_model_path().is_file(), "the trained ensemble must ship in materials/data"
+    rows = {r["formula"]: r for r in predict_gaps(["Si", "GaAs", "ZnO", "Cu", "Bogus1"])}
+    assert 0.6 <= rows["Si"]["gap_expt"] <= 1.8
+    assert 0.8 <= rows["GaAs"]["gap_expt"] <= 2.2
+    assert 2.0 <= rows["ZnO"]["gap_expt"] <= 4.5
+    assert rows["Cu"]["p_metal"] > 0.8 and rows["Cu"]["gap_expt"] == 0.0
+    for formula in ("Si", "GaAs", "ZnO"):
+        r = rows[formula]
+        assert r["p_metal"] < 0.5 and r["error"] is None
+        assert 0 < r["gap_expt_std"] < 2.0 and 0 < r["gap_pbe_std"] < 2.0
+        assert r["gap_pbe"] < r["gap_expt"] + 0.3  # PBE underestimates gaps
+    assert rows["Bogus1"]["error"] and np.isnan(rows["Bogus1"]["gap_pbe"])
+
+
+def test_predict_gap_cli_keeps_going_past_a_bad_row(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text("name,composition\na,GaN\nb,Xx2O\nc,\nd,CdTe\n")
+    out = tmp_path / "out.csv"
+    assert main(["predict-gap", "--input", str(src), "--formula-column", "composition", "--out", str(out)]) == 0
+    assert "2/4 rows predicted" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [r["name"] for r in rows] == ["a", "b", "c", "d"]
+    assert {"gap_pbe", "gap_pbe_std", "gap_expt", "gap_expt_std", "p_metal", "error"} <= set(rows[0])
+    assert 2.5 < float(rows[0]["gap_expt"]) < 4.5 and rows[0]["error"] == ""
+    assert 1.0 < float(rows[3]["gap_expt"]) < 2.2
+    assert "Xx" in rows[1]["error"] and rows[1]["gap_expt"] == ""
+    assert "empty" in rows[2]["error"]
+    assert main(["predict-gap", "--input", str(src), "--formula-column", "nope", "--out", str(out)]) == 2
+
+
+def test_add_gap_columns_to_results_csv(tmp_path):
+    results = tmp_path / "results.csv"
+    results.write_text("id,formula,status\nx,CdTe,ok\ny,,failed\n")
+    assert add_gap_columns(results)
+    rows = list(csv.DictReader(results.open()))
+    assert 1.0 < float(rows[0]["gap_expt"]) < 2.2 and rows[0]["status"] == "ok"
+    assert rows[1]["gap_expt"] == ""
