@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class CandidateSettings(_Strict):
@@ -120,11 +123,21 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> ScreenConfig:
+def validate_config(model: type[_M], data: dict[str, Any], source: str = "config") -> _M:
+    """``model.model_validate(data)``, with :class:`ConfigError` naming ``source`` and each bad key."""
     try:
-        return ScreenConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_yaml_config(model: type[_M], path: str | Path) -> _M:
+    """Read a YAML file and validate it as ``model``; :class:`ConfigError` names the file and the bad key."""
+    return validate_config(model, _read_yaml(path), str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ScreenConfig:
+    return validate_config(ScreenConfig, data, source)
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -248,10 +261,7 @@ class CampaignConfig(_Strict):
 
 
 def parse_campaign_config(data: dict[str, Any], source: str = "config") -> CampaignConfig:
-    try:
-        return CampaignConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+    return validate_config(CampaignConfig, data, source)
 
 
 def load_campaign_config(path: str | Path) -> CampaignConfig:

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from materials.dft import DFTSettings
 from materials.structures import load_structure_dir, read_structure
-from pipelines.config import ConfigError, RaySettings, TrackingSettings, _format_errors, _read_yaml, _Strict
+from pipelines.config import RaySettings, TrackingSettings, _Strict, load_yaml_config
 
 #: Columns of dft_results.csv (energies eV/atom, lengths Å, volumes Å^3/atom, gaps eV).
 DFT_COLUMNS = (
@@ -59,14 +59,7 @@ class DFTConfig(_Strict):
 
 
 def load_dft_config(path: str | Path | None) -> DFTConfig:
-    if path is None:
-        return DFTConfig()
-    from pydantic import ValidationError
-
-    try:
-        return DFTConfig.model_validate(_read_yaml(path))
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+    return DFTConfig() if path is None else load_yaml_config(DFTConfig, path)
 
 
 @dataclass

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from materials.dft import DFTSettings
 from materials.finetune import DataSettings, TrainSettings
 from materials.potentials import PotentialSpec
-from pipelines.config import ConfigError, RaySettings, TrackingSettings, _format_errors, _read_yaml, _Strict
+from pipelines.config import ConfigError, RaySettings, TrackingSettings, _Strict, load_yaml_config
 
 
 class StructureSource(_Strict):
@@ -83,10 +83,7 @@ def _flat_params(config: FinetuneConfig) -> dict[str, Any]:
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
     """Read and validate a finetune YAML; :class:`ConfigError` names the file and the bad key."""
-    try:
-        return FinetuneConfig.model_validate(_read_yaml(path))
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+    return load_yaml_config(FinetuneConfig, path)
 
 
 # --------------------------------------------------------------------------------------------- labelling jobs

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from materials.bandgap import (
     FIDELITIES,
@@ -39,7 +39,7 @@ from materials.bandgap import (
     split_gaps,
     train_pbe_model,
 )
-from pipelines.config import ConfigError, TrackingSettings, _format_errors, _read_yaml, _Strict
+from pipelines.config import TrackingSettings, _Strict, load_yaml_config
 from pipelines.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ class BandGapConfig(_Strict):
 
 def load_bandgap_config(path: str | Path) -> BandGapConfig:
     """Read and validate ``configs/bandgap.yaml``; :class:`ConfigError` names the file and the bad key."""
-    try:
-        return BandGapConfig.model_validate(_read_yaml(path))
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+    return load_yaml_config(BandGapConfig, path)
 
 
 def build_datasets(config: BandGapConfig) -> dict[str, GapDataset]:
