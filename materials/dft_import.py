@@ -35,7 +35,7 @@ from ase.units import GPa
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.reference import ReferenceRow, ReferenceSet, canonical_property, reduced_formula
+from materials.reference import ReferenceRow, ReferenceSet, canonical_property, finite_float, reduced_formula
 
 #: File names recognised when a folder is imported (searched recursively).
 VASPRUN_PATTERNS = ("vasprun.xml", "vasprun.xml.gz", "vasprun*.xml", "vasprun*.xml.gz")
@@ -140,14 +140,6 @@ class ImportResult:
     failures: list[tuple[str, str]]
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def read_vasprun(path: str | Path, item_id: str | None = None) -> ImportedCalculation:
     """The final ionic step of a VASP run (``vasprun.xml`` or ``.xml.gz``).
 
@@ -166,7 +158,7 @@ def read_vasprun(path: str | Path, item_id: str | None = None) -> ImportedCalcul
     except Exception as exc:  # pymatgen raises many types for a broken file
         raise DFTImportError(f"{path}: not a readable vasprun.xml ({type(exc).__name__}: {exc})") from exc
     step = run.ionic_steps[-1]
-    energy = _finite(step.get("e_0_energy", run.final_energy))
+    energy = finite_float(step.get("e_0_energy", run.final_energy))
     if energy is None:
         raise DFTImportError(f"{path}: the last ionic step has no energy (a run that died before its first step?)")
     run_type = str(run.run_type)
@@ -178,7 +170,7 @@ def read_vasprun(path: str | Path, item_id: str | None = None) -> ImportedCalcul
         functional = _PBE_ALIASES.get(run_type.upper(), run_type)
     params = run.parameters
     settings = {
-        "encut": _finite(params.get("ENCUT")) or _finite(params.get("ENMAX")),
+        "encut": finite_float(params.get("ENCUT")) or finite_float(params.get("ENMAX")),
         "ispin": int(params.get("ISPIN", 1)),
         "ldau": bool(params.get("LDAU", False)),
     }
@@ -240,12 +232,12 @@ def read_extxyz(path: str | Path) -> ImportResult:
         energy, forces, stress = None, None, None
         if atoms.calc is not None:
             results = getattr(atoms.calc, "results", {})
-            energy = _finite(results.get("energy", results.get("free_energy")))
+            energy = finite_float(results.get("energy", results.get("free_energy")))
             forces = results.get("forces")
             if results.get("stress") is not None:
                 stress = [float(x) for x in np.asarray(results["stress"]).reshape(-1)[:6] / GPa]
         if energy is None:
-            energy = next((_finite(info[k]) for k in EXTXYZ_ENERGY_KEYS if k in info), None)
+            energy = next((finite_float(info[k]) for k in EXTXYZ_ENERGY_KEYS if k in info), None)
         if forces is None and "forces" in atoms.arrays:
             forces = atoms.arrays["forces"]
         if energy is None:
@@ -258,7 +250,7 @@ def read_extxyz(path: str | Path) -> ImportResult:
             )
             continue
         functional = next((str(info[k]) for k in EXTXYZ_FUNCTIONAL_KEYS if k in info), "unknown")
-        gap = next((_finite(info[k]) for k in EXTXYZ_GAP_KEYS if k in info), None)
+        gap = next((finite_float(info[k]) for k in EXTXYZ_GAP_KEYS if k in info), None)
         settings = {k: _jsonable(info[k]) for k in EXTXYZ_SETTING_KEYS if k in info}
         details = {k: _jsonable(info[k]) for k in EXTXYZ_DETAIL_KEYS if k in info}
         record = ImportedCalculation(
@@ -274,7 +266,7 @@ def read_extxyz(path: str | Path) -> ImportResult:
             details=details,
             band_gap=gap,
             converged=bool(info["converged"]) if "converged" in info else None,
-            e_form_per_atom=_finite(info.get("e_form_per_atom")),
+            e_form_per_atom=finite_float(info.get("e_form_per_atom")),
         )
         if functional == "unknown":
             record.notes.append("functional not stated (add a 'functional' info key)")

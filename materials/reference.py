@@ -370,12 +370,14 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
     return load_lab_csv(name, property=prop)
 
 
-def _parse_float(text: str) -> float | None:
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None for text that is not a number, None, NaN or ±inf (the caller says
+    which item lacked a value)."""
     try:
-        value = float(text)
-    except ValueError:
+        out = float(value)
+    except (TypeError, ValueError):
         return None
-    return value if math.isfinite(value) else None
+    return out if math.isfinite(out) else None
 
 
 def load_lab_csv(path: str | Path, property: str | None = None) -> ReferenceSet:
@@ -492,12 +494,12 @@ def _lab_row(rec: dict[str, str], line: int, folder: Path, file_name: str) -> tu
         if scale is None:
             hint = " (per mole of atoms or of formula units?)" if unit.lower().replace(" ", "") == "kj/mol" else ""
             errors.append(f"{where}: unknown unit {unit!r} for {prop}{hint}; use one of {', '.join(LAB_UNITS[prop])}")
-    value = _parse_float(rec["value"])
+    value = finite_float(rec["value"])
     if value is None:
         errors.append(f"{where}: value {rec['value']!r} is not a finite number; write it like 1.12 (no unit)")
     uncertainty = None
     if rec.get("uncertainty"):
-        uncertainty = _parse_float(rec["uncertainty"])
+        uncertainty = finite_float(rec["uncertainty"])
         if uncertainty is None or uncertainty < 0:
             errors.append(
                 f"{where}: uncertainty {rec['uncertainty']!r} is not a number >= 0; give one standard uncertainty "

@@ -12,6 +12,7 @@ import json
 import math
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,16 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
+def write_results_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """``dft_results.csv``: one row per record, ``columns`` in order (NaN and None as empty cells)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({k: _csv_value(rec.get(k)) for k in columns})
+    return path
+
+
 def run_dft(
     config: DFTConfig,
     structures: str | None = None,
@@ -176,7 +187,7 @@ def run_dft(
     """Run (or resume: finished ids are skipped) the calculations; returns a summary dict."""
     import ray
 
-    from pipelines.execution import init_ray
+    from pipelines.execution import as_completed, init_ray
     from pipelines.tracking import Tracker, git_commit
 
     start = time.perf_counter()
@@ -217,29 +228,13 @@ def run_dft(
         ref_errors = dict(ray.get([ref_task.remote(s, config.dft, str(ref_dir)) for s in symbols]))
         task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
         refs = {task.remote(it, config.dft, relax, bandgap, str(out / "logs"), str(ref_dir)): it for it in todo}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            item = refs[ready[0]]
-            try:
-                record = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                record = {
-                    "id": item.id,
-                    "formula": None,
-                    "task": "dft",
-                    "status": "failed",
-                    "failure_reason": f"task error: {str(exc).splitlines()[0][:300]}",
-                }
+        for item, record, reason in as_completed(refs):
+            if reason is not None:
+                record = {"id": item.id, "formula": None, "task": "dft", "status": "failed", "failure_reason": reason}
             store.write(record)
             print(f"  {record['id']}: {record['status']} {record.get('failure_reason') or ''}".rstrip(), flush=True)
         records = store.records()
-        csv_path = out / "dft_results.csv"
-        with csv_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(DFT_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            for rec in records:
-                writer.writerow({k: _csv_value(rec.get(k)) for k in DFT_COLUMNS})
+        csv_path = write_results_csv(out / "dft_results.csv", records, DFT_COLUMNS)
         n_ok = sum(r["status"] == "ok" for r in records)
         tracker.log_metrics(
             {
@@ -285,12 +280,7 @@ def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True
         except dft_import.DFTImportError as exc:
             formation_error = str(exc)
     rows = dft_import.as_result_rows(result.records)
-    columns = list(DFT_COLUMNS) + ["functional", "code", "source", "notes"]
-    with (out / "dft_results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    write_results_csv(out / "dft_results.csv", rows, (*DFT_COLUMNS, "functional", "code", "source", "notes"))
     write(str(out / "structures.extxyz"), [rec.to_atoms() for rec in result.records], format="extxyz")
     with (out / "import_failures.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -151,6 +151,20 @@ def make_workers(spec: PotentialSpec, relax: RelaxSettings, checks: CheckSetting
     return [remote_cls.remote(spec, relax, checks) for _ in range(settings.num_workers)]
 
 
+def as_completed(refs: dict[Any, Any]) -> Iterator[tuple[Any, Any, str | None]]:
+    """For a ``{ObjectRef: key}`` of running Ray tasks, yield ``(key, result, None)`` as each finishes, or
+    ``(key, None, reason)`` when the task itself failed (worker crash, exception), so a batch keeps going and
+    records why."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            result, reason = ray.get(ready[0]), None
+        except ray.exceptions.RayError as exc:
+            result, reason = None, f"task error: {str(exc).splitlines()[0][:300]}"
+        yield refs[ready[0]], result, reason
+
+
 def chunked(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 

@@ -165,7 +165,7 @@ def _run_labelling(
     import ray
 
     from materials.finetune import write_frames
-    from pipelines.execution import init_ray
+    from pipelines.execution import as_completed, init_ray
 
     frames_dir = out / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
@@ -187,15 +187,8 @@ def _run_labelling(
         log_dir = str(out / "logs")
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         by_ref = {task.remote(j, config.dft, log_dir): j for j in todo}
-        pending = list(by_ref)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            job = by_ref[ready[0]]
-            try:
-                outcome = ray.get(ready[0])
-                reason = outcome.failure_reason
-            except ray.exceptions.RayError as exc:
-                outcome, reason = None, f"task error: {str(exc).splitlines()[0][:300]}"
+        for job, outcome, reason in as_completed(by_ref):
+            reason = outcome.failure_reason if outcome is not None else reason
             if outcome is not None and outcome.frames:
                 write_frames(outcome.frames, frames_dir / f"{job.id}.xyz")
                 print(f"  {job.id}: {len(outcome.frames)} frame(s) in {outcome.seconds:.0f} s", flush=True)

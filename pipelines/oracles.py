@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import ray
 
+from pipelines.execution import as_completed
+
 
 class OracleError(ValueError):
     """The oracle cannot serve the campaign (e.g. the objective names a column it does not have)."""
@@ -73,14 +75,8 @@ class RowOracle:
 
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         refs = {_lookup_label.remote(dict(self._rows[i]), self._columns): i for i in indices}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            index = refs[done[0]]
-            try:
-                yield index, ray.get(done[0])
-            except ray.exceptions.RayError as exc:
-                yield index, {"status": "failed", "failure_reason": f"oracle task failed: {exc}", "labels": {}}
+        for index, record, reason in as_completed(refs):
+            yield index, record if reason is None else {"status": "failed", "failure_reason": reason, "labels": {}}
 
 
 #: Labels the DFT oracle computes (eV; eV/atom; Å^3/atom); any other objective column comes from the pool row.
@@ -135,14 +131,9 @@ class DFTOracle:
                 str(self._work / "dft_references"),
             )
             refs[ref] = i
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            index = refs[done[0]]
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayError as exc:
-                yield index, {"status": "failed", "failure_reason": f"dft task failed: {exc}", "labels": {}}
+        for index, result, reason in as_completed(refs):
+            if reason is not None:
+                yield index, {"status": "failed", "failure_reason": f"dft {reason}", "labels": {}}
                 continue
             computed = {
                 "band_gap": result.get("band_gap"),
