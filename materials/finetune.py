@@ -51,7 +51,7 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.dft import DFTSettings, settings_hash
+from materials.dft import DFTResult, DFTSettings, settings_hash
 
 #: ``atoms.info`` / ``atoms.arrays`` keys of the labels (mace-torch's ``--energy_key`` etc.).
 ENERGY_KEY = "REF_energy"
@@ -68,6 +68,10 @@ SETTINGS_KEYS = (
     "dft_spinpol",
     "dft_settings_hash",
 )
+
+
+#: eV/Å: below this training-force RMS, mace's ``rms_forces_scaling`` leaves a from-scratch model frozen at ~0.
+MIN_RMS_FORCE = 1e-3
 
 
 class TrainingSetError(ValueError):
@@ -138,6 +142,10 @@ class TrainSettings:
             (one per frame) against 3n force components: they need the larger weight.
         stage_two, stage_two_energy_weight, stage_two_forces_weight: mace's "stage two" (``--stage_two``, once
             called SWA): for the last 25 % of the epochs a lower learning rate and these loss weights.
+        scaling: mace's output scaling (``--scaling``), from-scratch only. ``rms_forces_scaling`` (mace's
+            default) multiplies the model by the training forces' RMS: data of relaxed high-symmetry cells
+            (forces ~0 by symmetry, e.g. a campaign's DFT relaxations) would freeze the model at ~0, so
+            :func:`train_mace` refuses it there; ``std_scaling`` uses the spread of the per-atom energies.
         valid_fraction: part of the training set mace keeps for its own validation / checkpoint choice.
         seed, device, dtype, threads: reproducibility and placement (threads = OMP/torch threads).
     """
@@ -160,6 +168,7 @@ class TrainSettings:
     stage_two: bool = False
     stage_two_energy_weight: float = 1000.0
     stage_two_forces_weight: float = 10.0
+    scaling: Literal["rms_forces_scaling", "std_scaling", "no_scaling"] = "rms_forces_scaling"
     valid_fraction: float = 0.1
     seed: int = 0
     device: str = "cpu"
@@ -272,33 +281,53 @@ def dft_frames(
     from materials import dft
 
     start = time.perf_counter()
-    metadata = dft_metadata(settings)
     if relax_steps == 0:
         result = dft.single_point(atoms, settings, item_id=frame_id, log_path=log_path)
         if result.status != "ok":
             return LabelOutcome(frame_id, failure_reason=result.failure_reason, seconds=result.seconds)
-        final = AseAtomsAdaptor.get_atoms(result.structure)
-        stress = np.asarray(result.stress) * GPa
-        frame = labelled_frame(final, result.energy, result.forces, stress, metadata, frame_id, "rattled")
-        return LabelOutcome(frame_id, [frame], seconds=time.perf_counter() - start)
-    frames: list[Atoms] = []
-
-    def record(current: Atoms) -> None:
-        frame = labelled_frame(
-            current,
-            current.get_potential_energy(),
-            current.get_forces(),
-            current.get_stress(voigt=True),
-            metadata,
-            f"{frame_id}-step{len(frames)}",
-            "relax",
-        )
-        frames.append(frame)
-
-    result = dft.relax(atoms, settings, item_id=frame_id, log_path=log_path, max_steps=relax_steps, on_step=record)
-    if result.status != "ok" and not frames:
+        frames = result_frames(result, settings, frame_id, "rattled")
+        return LabelOutcome(frame_id, frames, seconds=time.perf_counter() - start)
+    recorder = RelaxRecorder(settings, frame_id)
+    result = dft.relax(atoms, settings, item_id=frame_id, log_path=log_path, max_steps=relax_steps, on_step=recorder)
+    if result.status != "ok" and not recorder.frames:
         return LabelOutcome(frame_id, failure_reason=result.failure_reason, seconds=result.seconds)
-    return LabelOutcome(frame_id, frames, seconds=time.perf_counter() - start)
+    return LabelOutcome(frame_id, recorder.frames, seconds=time.perf_counter() - start)
+
+
+def result_frames(result: DFTResult, settings: DFTSettings, frame_id: str, config_type: str = "dft") -> list[Atoms]:
+    """The labelled frame of a finished GPAW calculation's final geometry (``result.structure``): energy eV,
+    forces eV/Å (n, 3) and, when the calculation computed it, stress (GPa in the result, eV/Å³ in the frame;
+    a band-gap run has none and mace then gives the frame no stress weight). ``[]`` for a failed result or one
+    without forces."""
+    if result.status != "ok" or result.structure is None or result.forces is None or not math.isfinite(result.energy):
+        return []
+    stress = np.asarray(result.stress, dtype=float)
+    stress = stress * GPa if stress.shape == (6,) and np.all(np.isfinite(stress)) else None
+    atoms = AseAtomsAdaptor.get_atoms(result.structure)
+    return [labelled_frame(atoms, result.energy, result.forces, stress, dft_metadata(settings), frame_id, config_type)]
+
+
+class RelaxRecorder:
+    """``on_step`` callback of :func:`materials.dft.relax`: every ionic step (the start included) becomes a
+    labelled frame with energy, forces and stress, id ``<frame_id>-step<i>``, kept in ``frames``."""
+
+    def __init__(self, settings: DFTSettings, frame_id: str, config_type: str = "relax"):
+        self.frames: list[Atoms] = []
+        self._metadata = dft_metadata(settings)
+        self._frame_id = frame_id
+        self._config_type = config_type
+
+    def __call__(self, atoms: Atoms) -> None:
+        frame = labelled_frame(
+            atoms,
+            atoms.get_potential_energy(),
+            atoms.get_forces(),
+            atoms.get_stress(voigt=True),
+            self._metadata,
+            f"{self._frame_id}-step{len(self.frames)}",
+            self._config_type,
+        )
+        self.frames.append(frame)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -373,12 +402,15 @@ def dataset_hash(frames: Sequence[Atoms]) -> str:
 
 
 def write_frames(frames: Sequence[Atoms], path: str | Path) -> Path:
-    """Write frames as extxyz (the format mace-torch reads)."""
+    """Write frames as extxyz (the format mace-torch reads); written to a temporary file and renamed, so a
+    crash never leaves a truncated file at ``path``."""
     from ase.io import write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write(path, list(frames), format="extxyz")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp, list(frames), format="extxyz")
+    os.replace(tmp, path)
     return path
 
 
@@ -438,6 +470,7 @@ def mace_train_argv(
         "--default_dtype", settings.dtype,
         "--eval_interval", "1",
         "--compute_stress", str(stress),
+        "--scaling", settings.scaling,
         "--model_dir", ".", "--checkpoints_dir", "checkpoints", "--results_dir", "results", "--log_dir", "logs",
     ]  # fmt: skip
     if stress:
@@ -490,6 +523,15 @@ def train_mace(
             f"train.foundation_model={settings.foundation_model!r} is not a file: give a local .model file "
             "(named foundation models need a download; cache one on a connected machine first)"
         )
+    if not settings.foundation_model and settings.scaling == "rms_forces_scaling":
+        forces = np.concatenate([f.arrays[FORCES_KEY].ravel() for f in frames])
+        rms = float(np.sqrt(np.mean(forces**2)))
+        if rms < MIN_RMS_FORCE:
+            raise TrainingSetError(
+                f"the training forces have an RMS of {rms:.2g} eV/Å (relaxed or high-symmetry structures): "
+                "train.scaling: rms_forces_scaling would scale the new model by that and freeze it near zero; "
+                "set train.scaling: std_scaling, or add off-equilibrium (rattled) frames"
+            )
     if settings.e0s == "elemental":
         symbols = {s for f in frames for s in f.get_chemical_symbols()}
         missing = sorted(symbols - set(e0s or {}))

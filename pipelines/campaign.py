@@ -4,6 +4,10 @@ State lives in ``<out>/campaign.sqlite``: each proposal is written before it is 
 arrives, so an interrupted campaign resumed with ``--resume`` evaluates what was proposed and then continues
 with exactly the proposals an uninterrupted run would make (proposals are deterministic in the seed, the
 iteration and the data).
+
+With the dft oracle, every calculation's DFT frames are kept (``<out>/dft/frames``, and all of them in
+``<out>/dft_frames.xyz`` at the end); with ``finetune_every: K`` a MACE potential is fine-tuned on them every K
+BO iterations and registered (:mod:`pipelines.campaign_finetune`), each outcome recorded in the store.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import numpy as np
 import yaml
 
 from materials.features import featurize_formulas
+from materials.finetune import read_frames, write_frames
 from materials.optimize import WindowObjective, initial_design, label_arrays, method_targets, propose_batch
+from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
 
@@ -102,6 +108,7 @@ class CampaignStore:
             CREATE TABLE IF NOT EXISTS evaluations (pool_index INTEGER PRIMARY KEY, iteration INTEGER, id TEXT,
                 formula TEXT, status TEXT, failure_reason TEXT, labels TEXT, objective TEXT, hit INTEGER);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS finetunes (iteration INTEGER PRIMARY KEY, status TEXT, record TEXT);
             """
         )
         self._db.commit()
@@ -142,6 +149,18 @@ class CampaignStore:
         )
         self._db.commit()
 
+    def add_finetune(self, record: dict[str, Any]) -> None:
+        """One fine-tune's outcome (see :func:`pipelines.campaign_finetune.finetune_on_campaign_data`)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO finetunes VALUES (?, ?, ?)",
+            (record["iteration"], record["status"], json.dumps(record)),
+        )
+        self._db.commit()
+
+    def finetunes(self) -> list[dict[str, Any]]:
+        """Fine-tune records by iteration."""
+        return [json.loads(r[0]) for r in self._db.execute("SELECT record FROM finetunes ORDER BY iteration")]
+
     def evaluations(self) -> list[dict[str, Any]]:
         """Evaluations in the order they were proposed (iteration, then proposal order is restored by caller)."""
         names = ("pool_index", "iteration", "id", "formula", "status", "failure_reason", "labels", "objective", "hit")
@@ -169,7 +188,10 @@ def objective_from_config(config: CampaignConfig) -> WindowObjective:
 
 
 def campaign_fingerprint(config: CampaignConfig) -> str:
-    science = config.model_dump(mode="json", exclude={"ray", "tracking", "output_dir", "name"})
+    """Hash of the settings that decide the proposals. Fine-tuning does not change them: it may be switched on
+    or retuned for a resumed campaign (each model records its own settings)."""
+    exclude = {"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
+    science = config.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,6 +209,7 @@ class CampaignSummary:
     trace: list[int]
     mlflow_run_id: str | None
     seconds: float
+    finetunes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_pool_and_oracle(config: CampaignConfig, out: Path):
@@ -328,11 +351,27 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
                 store.add_evaluation(rec)
                 done[index] = rec
 
+        def maybe_finetune(iteration: int) -> None:
+            """Fine-tune after every ``finetune_every``-th BO iteration unless an earlier run did it successfully
+            (a failed one is retried when its iteration is resumed, e.g. after fixing the finetune settings)."""
+            every = config.finetune_every
+            if not every or iteration < 1 or iteration % every or not isinstance(oracle, DFTOracle):
+                return
+            if any(r["iteration"] == iteration and r["status"] == "ok" for r in store.finetunes()):
+                return
+            frames = gathered_frames(oracle, order)
+            elements = sorted({s for _, fs in frames for f in fs for s in f.get_chemical_symbols()})
+            parent = finetune_parent(config, store.finetunes(), elements)
+            record = finetune_on_campaign_data(config, iteration, frames, parent, oracle.reference_dir, out)
+            store.add_finetune(record)
+            _log_finetune(tracker, config, record)
+
         # finish an iteration that was proposed but not fully evaluated when the last run stopped
         iterations = store.iterations()
         if iterations:
             last_it, _, last_prop = iterations[-1]
             evaluate(last_prop["indices"], last_it)
+            maybe_finetune(last_it)
         iteration = len(iterations)
         if iteration == 0:
             indices = initial_design(pool.features, opt.n_init, seed=config.seed, method=opt.init)
@@ -373,6 +412,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
             order.extend(int(i) for i in proposal.indices)
             evaluate([int(i) for i in proposal.indices], iteration)
             _log_iteration(tracker, iteration, method, prop, order, done, pool)
+            maybe_finetune(iteration)
             iteration += 1
 
         trace, hits_so_far = [], 0
@@ -384,6 +424,10 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
             to_target = trace.index(opt.target_hits) + 1
         random_rate = _pool_hit_rate(oracle, objective, pool) if isinstance(oracle, RowOracle) else None
         _write_results(out / "evaluations.csv", order, done, oracle.label_columns())
+        if isinstance(oracle, DFTOracle):
+            frames = [f for _, fs in gathered_frames(oracle, order) for f in fs]
+            if frames:
+                write_frames(frames, out / "dft_frames.xyz")
         plot = _trace_plot(trace, random_rate, out / "bo_trace.png", f"{config.name}: {opt.method}")
         tracker.log_artifact(out / "evaluations.csv")
         tracker.log_artifact(plot)
@@ -414,6 +458,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
             trace,
             tracker.run_id,
             time.perf_counter() - start,
+            store.finetunes(),
         )
     except OracleError as exc:
         raise CampaignError(str(exc)) from None
@@ -436,6 +481,37 @@ def _pool_hit_rate(oracle: RowOracle, objective: WindowObjective, pool: Pool) ->
             continue
         hits += int(objective.is_hit(labels))
     return hits / len(pool.ids) if pool.ids else None
+
+
+def gathered_frames(oracle: DFTOracle, order: Sequence[int]) -> list[tuple[str, list]]:
+    """``(candidate id, DFT frames)`` of the evaluated candidates, in evaluation order (failed ones included
+    when a relaxation left finished steps)."""
+    return [
+        (oracle.candidate_id(i), read_frames(oracle.frames_path(i))) for i in order if oracle.frames_path(i).is_file()
+    ]
+
+
+def _log_finetune(tracker, config: CampaignConfig, record: dict[str, Any]) -> None:
+    """The fine-tune in the campaign's run (metrics at step = iteration, latest model as a tag) and, once
+    registered, the campaign on the model version."""
+    iteration = record["iteration"]
+    heldout = (record["metrics"].get("finetuned") or {}).get("heldout") or {}
+    metrics = {"finetune_ok": float(record["status"] == "ok"), "finetune_n_train": record["n_train"]}
+    metrics.update({f"finetune_heldout_{k}": v for k, v in heldout.items() if v is not None and k != "n_frames"})
+    tracker.log_metrics(metrics, step=iteration)
+    if record["status"] != "ok":
+        tracker.set_tags({f"finetune_iter{iteration:03d}_failed": record["reason"][:4000]})
+        print(f"  fine-tune after iteration {iteration} failed: {record['reason']}", flush=True)
+        return
+    model = record["registry_uri"] or record["model_path"]
+    tracker.set_tags({"finetune_latest_model": model, f"finetune_iter{iteration:03d}_model": model})
+    print(f"  fine-tune after iteration {iteration}: {model} ({record['n_train']} training frames)", flush=True)
+    if record["registry_uri"]:
+        from pipelines.registry import parse_registry_uri, set_model_version_tags
+
+        name, version = parse_registry_uri(record["registry_uri"])
+        tags = {"campaign": config.name, "campaign_run_id": tracker.run_id, "campaign_iteration": iteration}
+        set_model_version_tags(config.tracking.uri, name, version, tags)
 
 
 def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> None:

@@ -62,6 +62,14 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     for hit in summary.hits[:15]:
         values = ", ".join(f"{k}={v:.3g}" for k, v in hit.items() if isinstance(v, float))
         print(f"  hit {hit['id']:>10s} {hit['formula']:12s} {values}")
+    for ft in summary.finetunes:
+        if ft["status"] == "ok":
+            rmse = ((ft["metrics"].get("finetuned") or {}).get("heldout") or {}).get("force_rmse")
+            where = f"held-out force RMSE {1000 * rmse:.1f} meV/Å" if rmse is not None else "no held-out frames"
+            model = ft["registry_uri"] or ft["model_path"]
+            print(f"  fine-tune after iteration {ft['iteration']}: {model} (parent {ft['parent']}; {where})")
+        else:
+            print(f"  fine-tune after iteration {ft['iteration']} failed: {ft['reason']}")
     print(f"\nresults: {summary.out_dir / 'evaluations.csv'}; trace: {summary.out_dir / 'bo_trace.png'}")
     if summary.mlflow_run_id:
         print(f"MLflow run: {summary.mlflow_run_id}")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from materials.dft import DFTSettings
+from materials.finetune import TrainSettings
 from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
@@ -225,6 +226,41 @@ class OracleSettings(_Strict):
     relax: bool = Field(default=False, description="dft: relax with GPAW before the band gap (else MLIP geometry)")
 
 
+class CampaignFinetuneSettings(_Strict):
+    """``finetune:`` of a campaign with ``finetune_every: K`` (dft oracle only): every K BO iterations the DFT
+    frames gathered so far train a MACE potential through ``semidisc finetune``'s machinery
+    (:func:`pipelines.finetune_run.run_finetune`: train, evaluate on held-out frames, register).
+
+    Attributes:
+        train: mace-torch settings, as in a finetune config. ``train.foundation_model``: the first parent (a
+            local ``.model`` or ``mlflow:/<name>/<version>``; null trains from scratch). ``train.scaling``
+            defaults to ``std_scaling`` here: relaxed high-symmetry candidates have forces ~0 by symmetry.
+        continue_from_previous: later fine-tunes start from the campaign's previous model (recorded as parent).
+        heldout_fraction: part of the evaluated candidates whose frames are held out for evaluation, chosen by
+            candidate (the steps of one relaxation never straddle the split), seeded by the campaign seed.
+        min_train_frames: with fewer training frames the fine-tune is skipped and the reason recorded.
+        e0s_values: eV/atom by element for ``train.e0s: elemental``; null: the DFT oracle's cached elemental
+            references (same settings).
+        compare: potentials evaluated on the same held-out frames; null: the campaign's screening potential.
+        register_as: registry name; null: ``<campaign name>-mace``.
+    """
+
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(scaling="std_scaling"))
+    continue_from_previous: bool = True
+    heldout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    min_train_frames: int = Field(default=8, ge=2)
+    e0s_values: dict[str, float] | None = None
+    compare: list[PotentialSpec] | None = None
+    register_as: str | None = None
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _std_scaling_by_default(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "scaling" not in value:
+            return {**value, "scaling": "std_scaling"}
+        return value
+
+
 class CampaignConfig(_Strict):
     name: str = "campaign"
     seed: int = 0
@@ -241,6 +277,20 @@ class CampaignConfig(_Strict):
     ray: RaySettings = Field(default_factory=RaySettings)
     tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-campaign"))
     output_dir: str = "runs/campaign"
+    finetune_every: int | None = Field(
+        default=None, ge=0, description="fine-tune MACE on the gathered DFT every K BO iterations (0/null: off)"
+    )
+    finetune: CampaignFinetuneSettings = Field(default_factory=CampaignFinetuneSettings)
+
+    @model_validator(mode="after")
+    def _finetune_needs_dft(self) -> CampaignConfig:
+        if self.finetune_every and self.oracle.kind != "dft":
+            raise ValueError(
+                f"finetune_every: {self.finetune_every} trains on the DFT frames the campaign computes, but "
+                f"oracle.kind is {self.oracle.kind!r}: set oracle.kind: dft (a generated pool, pool.csv: null) "
+                "or finetune_every: 0"
+            )
+        return self
 
     def screen_config(self) -> ScreenConfig:
         """The screen that builds a generated pool (same science sections)."""
@@ -257,7 +307,12 @@ class CampaignConfig(_Strict):
             output_dir=str(Path(self.output_dir) / "screen"),
         )
 
-    flat_params = ScreenConfig.flat_params
+    def flat_params(self) -> dict[str, Any]:
+        """Dotted-key parameters for MLflow; the ``finetune.*`` section only when fine-tuning is on."""
+        params = ScreenConfig.flat_params(self)
+        if not self.finetune_every:
+            params = {k: v for k, v in params.items() if not k.startswith("finetune.")}
+        return params
 
 
 def parse_campaign_config(data: dict[str, Any], source: str = "config") -> CampaignConfig:

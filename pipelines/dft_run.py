@@ -99,16 +99,28 @@ def items_from_inputs(structures: str | None, from_run: str | None, top: int | N
     return out
 
 
-def _dft_task(item: DFTItem, settings: DFTSettings, do_relax: bool, do_gap: bool, log_dir: str, ref_dir: str):
-    """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict()."""
+def _dft_task(
+    item: DFTItem,
+    settings: DFTSettings,
+    do_relax: bool,
+    do_gap: bool,
+    log_dir: str,
+    ref_dir: str,
+    keep_frames: bool = False,
+):
+    """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict(),
+    with ``frames`` (labelled ASE Atoms for fine-tuning: every ionic step of a relaxation, else the computed
+    geometry; see :mod:`materials.finetune`) when ``keep_frames``."""
     from pymatgen.core import Structure
 
     from materials import dft
+    from materials.finetune import RelaxRecorder, result_frames
 
     structure = Structure.from_dict(item.structure)
     log = Path(log_dir) / f"{item.id}.txt"
+    recorder = RelaxRecorder(settings, item.id) if keep_frames and do_relax else None
     if do_relax:
-        result = dft.relax(structure, settings, item_id=item.id, log_path=log)
+        result = dft.relax(structure, settings, item_id=item.id, log_path=log, on_step=recorder)
         if result.status == "ok" and do_gap:
             gap = dft.band_gap(
                 result.structure, settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt")
@@ -127,7 +139,11 @@ def _dft_task(item: DFTItem, settings: DFTSettings, do_relax: bool, do_gap: bool
             result.e_form_per_atom = dft.formation_energy_per_atom(result, settings, ref_dir)
         except (ValueError, dft.DFTReferenceError) as exc:
             result.notes.append(f"no formation energy: {exc}")
-    return result.as_dict()
+    out = result.as_dict()
+    if keep_frames:
+        # a relaxation that failed part-way still leaves its finished steps as data
+        out["frames"] = recorder.frames if recorder is not None else result_frames(result, settings, item.id)
+    return out
 
 
 def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, str | None]:

@@ -260,13 +260,19 @@ def format_table(metrics: dict[str, dict[str, dict[str, float]]], split: str = "
     return "\n".join(lines)
 
 
-def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None) -> FinetuneSummary:
-    """Build (or reuse cached) DFT data, train, evaluate, log and register; see the module docstring."""
+def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None, nested: bool = False) -> FinetuneSummary:
+    """Build (or reuse cached) DFT data, train, evaluate, log and register; see the module docstring.
+
+    ``train.foundation_model`` may be a registry URI (``mlflow:/<name>/<version>``): the registered model is
+    fetched and fine-tuned, and the URI is recorded as the parent. ``nested``: log into a child run of the
+    active MLflow run (a campaign's)."""
+    import dataclasses
+
     import torch
 
     from materials.finetune import dataset_hash, evaluate_calculator, train_mace, validate_training_set, write_frames
     from materials.potentials import load_potential
-    from pipelines.registry import register_model_file, resolve_potential
+    from pipelines.registry import parse_registry_uri, register_model_file, resolve_potential
     from pipelines.tracking import Tracker, git_commit
 
     torch.set_num_threads(1)
@@ -286,20 +292,27 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None) -> F
     if config.train.e0s == "elemental" and not refs:
         raise ConfigError("train.e0s: elemental needs GPAW structures or e0s_values (eV/atom per element)")
 
-    tracker = Tracker(config.tracking, run_name=config.name)
+    train_settings = config.train
+    if parse_registry_uri(config.train.foundation_model):
+        parent_spec, _ = resolve_potential(
+            PotentialSpec(name="mace", model=config.train.foundation_model), config.tracking.uri
+        )
+        train_settings = dataclasses.replace(config.train, foundation_model=parent_spec.model)
+
+    tracker = Tracker(config.tracking, run_name=config.name, nested=nested)
     status = "FAILED"
     try:
         tracker.log_params(_flat_params(config))
         workdir = out / "train"
         shutil.rmtree(workdir, ignore_errors=True)  # mace-torch would resume from old checkpoints
-        result = train_mace(train, config.train, workdir, e0s=refs or None, name=config.name)
+        result = train_mace(train, train_settings, workdir, e0s=refs or None, name=config.name)
         model_path = out / f"{config.name}.model"
         shutil.copyfile(result.model_path, model_path)
 
         dtype = config.train.dtype
         models = {"finetuned": PotentialSpec(name="mace", model=str(model_path), dtype=dtype)}
-        if config.train.foundation_model:
-            models["parent"] = PotentialSpec(name="mace", model=config.train.foundation_model, dtype=dtype)
+        if train_settings.foundation_model:
+            models["parent"] = PotentialSpec(name="mace", model=train_settings.foundation_model, dtype=dtype)
         for spec in config.compare:
             resolved, _ = resolve_potential(spec, config.tracking.uri)
             models[spec.label() if spec.model is None else spec.model] = resolved

@@ -87,7 +87,12 @@ class DFTOracle:
     """GPAW on each proposed candidate's (MLIP-relaxed) structure, one Ray task per candidate: optional DFT
     relaxation, the PBE band gap when the objective asks for ``band_gap``, and the formation energy against
     elemental references with identical settings (cached in ``<work_dir>/dft_references``). Columns the DFT
-    does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row."""
+    does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row.
+
+    Every calculation's DFT frames (energy eV, forces eV/Å, stress eV/Å³ when computed: each ionic step of a
+    relaxation, else the computed geometry; :mod:`materials.finetune` keys) are written the moment the task
+    returns to ``<work_dir>/frames/<candidate id>.xyz`` (extxyz, renamed into place), training data for
+    fine-tuning the potential (``finetune_every`` in the campaign)."""
 
     kind = "dft"
 
@@ -109,11 +114,25 @@ class DFTOracle:
         self._work = Path(work_dir)
         (self._work / "logs").mkdir(parents=True, exist_ok=True)
         (self._work / "dft_references").mkdir(parents=True, exist_ok=True)
+        (self._work / "frames").mkdir(parents=True, exist_ok=True)
 
     def label_columns(self) -> list[str]:
         return list(self._columns)
 
+    @property
+    def reference_dir(self):
+        """Folder of the cached elemental reference energies (same settings as the candidates)."""
+        return self._work / "dft_references"
+
+    def candidate_id(self, index: int) -> str:
+        return str(self._rows[index].get("id", index))
+
+    def frames_path(self, index: int):
+        """The extxyz of pool row ``index``'s DFT frames (exists once its calculation returned frames)."""
+        return self._work / "frames" / f"{self.candidate_id(index)}.xyz"
+
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        from materials.finetune import write_frames
         from materials.structures import read_structure
         from pipelines.dft_run import DFTItem, _dft_task
 
@@ -121,7 +140,7 @@ class DFTOracle:
         want_gap = "band_gap" in self._columns
         refs = {}
         for i in indices:
-            item = DFTItem(str(self._rows[i].get("id", i)), self._files[i], read_structure(self._files[i]).as_dict())
+            item = DFTItem(self.candidate_id(i), self._files[i], read_structure(self._files[i]).as_dict())
             ref = task.remote(
                 item,
                 self._settings,
@@ -129,12 +148,16 @@ class DFTOracle:
                 want_gap,
                 str(self._work / "logs"),
                 str(self._work / "dft_references"),
+                True,
             )
             refs[ref] = i
         for index, result, reason in as_completed(refs):
             if reason is not None:
                 yield index, {"status": "failed", "failure_reason": f"dft {reason}", "labels": {}}
                 continue
+            frames = result.pop("frames", None)
+            if frames:
+                write_frames(frames, self.frames_path(index))
             computed = {
                 "band_gap": result.get("band_gap"),
                 "dft_e_form_per_atom": result.get("e_form_per_atom"),

@@ -70,6 +70,13 @@ def register_model_file(
     return str(version.version)
 
 
+def set_model_version_tags(tracking_uri: str, name: str, version: str, tags: dict[str, Any]) -> None:
+    """Add ``tags`` (values as strings) to a registered model version."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
 def default_cache_dir(tracking_uri: str) -> Path:
     """Where resolved models are kept: beside a SQLite store (``<db folder>/model_cache``), else
     ``~/.cache/semidisc/models``."""

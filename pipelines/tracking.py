@@ -36,10 +36,12 @@ def _ensure_sqlite_parent(uri: str) -> None:
 class Tracker:
     """A thin wrapper over one MLflow run; all methods are no-ops when tracking is disabled.
 
-    ``run_id`` resumes an existing run (a resumed screen keeps logging into the run it started).
+    ``run_id`` resumes an existing run (a resumed screen keeps logging into the run it started). ``nested``
+    starts the run as a child of the active one (e.g. a fine-tune inside a campaign); ``end`` then returns to
+    the parent.
     """
 
-    def __init__(self, settings: TrackingSettings, run_name: str, run_id: str | None = None):
+    def __init__(self, settings: TrackingSettings, run_name: str, run_id: str | None = None, nested: bool = False):
         self.enabled = settings.enabled
         self.run_id: str | None = None
         if not self.enabled:
@@ -55,7 +57,7 @@ class Tracker:
             root = Path(settings.uri[len("sqlite:///") :]).resolve().parent / "artifacts"
             mlflow.create_experiment(settings.experiment, artifact_location=root.as_uri())
         mlflow.set_experiment(settings.experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:

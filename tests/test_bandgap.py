@@ -17,9 +17,11 @@ from materials.bandgap import (
     GapModelSettings,
     GapNet,
     GapTrainSettings,
+    anchor_loss,
     collate_graphs,
     combine_members,
     composition_graph,
+    finetune_expt_model,
     formula_elements,
     gap_metrics,
     model_outputs,
@@ -122,6 +124,48 @@ def test_train_loss_decreases(mp_sample):
     torch.manual_seed(0)
     history = train_model(GapNet(TINY), train, epochs=6, lr=3e-3, batch_size=64, seed=0)
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+
+
+def test_anchor_loss_exact_values():
+    logit = torch.tensor([0.0, 2.0, -1.0])
+    mu = torch.tensor([1.0, 3.0, 0.5])
+    gap_pbe = torch.tensor([1.5, 2.0, 0.0])  # non-metal below its PBE gap, non-metal above it, PBE metal
+    # cross-entropy towards the PBE class (1, 1, 0): log 2, log(1 + e^-2), log(1 + e^-1)
+    ce = (np.log(2.0) + np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-1.0))) / 3
+    assert float(anchor_loss(logit, mu, gap_pbe, 1.0, 0.0)) == pytest.approx(ce, rel=1e-6)
+    # hinge max(0, gap_pbe - mu) averaged over the two PBE non-metals only: (0.5 + 0) / 2
+    assert float(anchor_loss(logit, mu, gap_pbe, 0.0, 2.0)) == pytest.approx(0.5, rel=1e-6)
+    assert float(anchor_loss(logit, mu, gap_pbe, 1.0, 2.0)) == pytest.approx(ce + 0.5, rel=1e-6)
+
+
+def test_anchored_finetune_raises_gaps_to_the_pbe_bound(mp_sample):
+    """Fine-tuning on a few 'experimental' gaps with the PBE bound keeps the anchor compositions at or above their
+    PBE gap; without it they drift below."""
+    train, _ = mp_sample
+    torch.manual_seed(0)
+    base = train_pbe_model(train, TINY, GapTrainSettings(epochs=8, samples_per_epoch=0, batch_size=64), 0)[0]
+    nonmetal = np.flatnonzero(train.gap > 0.5)
+    anchor = train.subset(nonmetal[:150])
+    expt = GapDataset.from_pairs([(f, 0.1) for f in train.formulas[-60:]])  # all tiny gaps: pulls mu down
+    shortfall = {}
+    for weight in (0.0, 5.0):
+        settings = GapTrainSettings(finetune_epochs=15, batch_size=32, finetune_lr=2e-3, anchor_bound_weight=weight)
+        model = finetune_expt_model(base, expt, settings, 0, anchor=anchor)[0]
+        mu = model_outputs(model, anchor)["mu"]
+        shortfall[weight] = float(np.mean(np.maximum(anchor.gap - mu, 0)))
+    assert shortfall[5.0] < 0.5 * shortfall[0.0], shortfall
+
+
+def test_anchor_set_holds_pbe_nonmetals_outside_the_experimental_set():
+    from pipelines.train_gap import BandGapConfig, build_datasets
+
+    config = BandGapConfig.model_validate({"data": {"max_mp_train": 3000, "max_expt_train": 300}})
+    data = build_datasets(config)
+    anchor = data["anchor"]
+    assert 0 < len(anchor) < len(data["mp_train"]) and np.all(anchor.gap > 0)
+    expt = {f for k in ("expt_train", "expt_val", "expt_test") for f in data[k].formulas}
+    assert not expt & set(anchor.formulas)
+    assert not set(data["borlido"].formulas) & set(anchor.formulas)
 
 
 def test_config_is_strict(tmp_path):
