@@ -2,7 +2,8 @@
 
 A hit: e_hull <= 0.05 eV/atom and 1.0 <= PBE gap <= 2.0 eV (73 hits, 1.5%). Reports, per method, the median
 number of evaluations to find K=10 hits over 10 seeds (q=5) and the acceleration factor random / method, and
-saves the hits-vs-evaluations trace plot. Same code path as ``semidisc bo-benchmark``.
+saves the hits-vs-evaluations trace plot. Same code path as ``semidisc bo-benchmark``. Default features: ``sites``
+(composition statistics + the element at each written site, the latter through a categorical kernel).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bo_perovskites.py [--seeds 10] [--hits 10] [--json]
 """
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--methods", default="bo,bo-hit,random")
     parser.add_argument("--budget", type=int, default=600, help="evaluations at most per BO run")
     parser.add_argument("--plot", default="benchmarks/bo_perovskites_trace.png")
-    parser.add_argument("--features", default="both", choices=["composition", "ordered", "both"])
+    parser.add_argument("--features", default="sites", choices=["composition", "ordered", "both", "sites"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save", help="also write the JSON report to this file")
     parser.add_argument("--gap-model", action="store_true", help="add the band-gap model's predictions as features")

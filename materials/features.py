@@ -282,8 +282,36 @@ def ordered_features(formula: str, positions: int) -> dict[str, float]:
     return out
 
 
+def site_element_names(positions: int) -> list[str]:
+    """Names of :func:`site_elements`: ``"site<k>_element"``, k = 0..positions-1."""
+    return [f"site{k}_element" for k in range(positions)]
+
+
+def site_elements(formula: str, positions: int) -> dict[str, float]:
+    """Which element sits at each written position, as a category code: its atomic number, 0 past the last element.
+
+    ``"SrTiO3"`` with 3 positions -> ``{"site0_element": 38, "site1_element": 22, "site2_element": 8}``. The codes
+    are labels, not magnitudes: give their columns (:func:`site_element_columns`) to a kernel that only compares
+    them for equality (:func:`materials.optimize.site_kernel`). A formula with fewer written elements than
+    ``positions`` (``"Ac2O3"`` in an ABO3 pool, A = B merged) gets code 0, a category of its own.
+
+    Raises:
+        FeatureError: as :func:`written_elements`.
+    """
+    elements = written_elements(formula)
+    return {
+        name: float(Element(elements[k][0]).Z) if k < len(elements) else 0.0
+        for k, name in enumerate(site_element_names(positions))
+    }
+
+
+def site_element_columns(names: Sequence[str]) -> list[int]:
+    """Indices of the :func:`site_elements` columns (``"site<k>_element"``) among feature ``names``."""
+    return [j for j, name in enumerate(names) if re.fullmatch(r"site\d+_element", name)]
+
+
 #: Feature sets of :func:`featurize_formulas`.
-FEATURE_SETS = ("composition", "ordered", "both")
+FEATURE_SETS = ("composition", "ordered", "both", "sites")
 #: Most written positions that get site-ordered features.
 MAX_ORDERED_POSITIONS = 4
 
@@ -318,10 +346,12 @@ def featurize_formulas(
 
     Args:
         formulas: chemical formulas.
-        feature_set: ``composition`` (:func:`composition_features`), ``ordered`` (:func:`ordered_features`) or
-            ``both`` (the two side by side).
-        positions: written positions for the ordered features (default: the most elements any formula has,
-            at most :data:`MAX_ORDERED_POSITIONS`). Missing positions get their column's mean.
+        feature_set: ``composition`` (:func:`composition_features`), ``ordered`` (:func:`ordered_features`),
+            ``both`` (the two side by side) or ``sites`` (composition, then one element code per written position,
+            :func:`site_elements`; for a surrogate with a categorical kernel on :func:`site_element_columns`).
+        positions: written positions for the ordered features and site codes (default: the most elements any
+            formula has, at most :data:`MAX_ORDERED_POSITIONS`). Missing positions get their column's mean
+            (ordered features) or code 0 (site codes).
         gap_model: also add :func:`gap_model_features` (True: the shipped model; a str: that model file).
 
     Returns:
@@ -332,11 +362,12 @@ def featurize_formulas(
     """
     if feature_set not in FEATURE_SETS:
         raise FeatureError(f"feature set {feature_set!r} is not known; use one of {', '.join(FEATURE_SETS)}")
-    use_comp, use_ordered = feature_set in ("composition", "both"), feature_set in ("ordered", "both")
+    use_comp, use_ordered = feature_set in ("composition", "both", "sites"), feature_set in ("ordered", "both")
+    use_sites = feature_set == "sites"
     rows: list[dict[str, float]] = []
     ok: list[int] = []
     failures: dict[int, str] = {}
-    if use_ordered and positions is None:
+    if (use_ordered or use_sites) and positions is None:
         counts = []
         for formula in formulas:
             try:
@@ -347,6 +378,7 @@ def featurize_formulas(
     names = (composition_feature_names() if use_comp else []) + (
         ordered_feature_names(positions) if use_ordered else []
     )
+    names += site_element_names(positions) if use_sites else []
     model_rows: list[dict[str, float] | str] = []
     if gap_model:
         model_rows = gap_model_features(formulas, None if gap_model is True else str(gap_model))
@@ -356,6 +388,8 @@ def featurize_formulas(
             feats = composition_features(formula) if use_comp else {}
             if use_ordered:
                 feats.update(ordered_features(formula, positions))
+            if use_sites:
+                feats.update(site_elements(formula, positions))
         except FeatureError as exc:
             failures[i] = str(exc)
             continue

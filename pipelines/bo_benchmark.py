@@ -11,14 +11,14 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from materials.features import featurize_formulas
-from materials.optimize import WindowObjective, expected_random_evaluations, simulate_campaign
+from materials.features import featurize_formulas, site_element_columns
+from materials.optimize import AcquisitionSettings, WindowObjective, expected_random_evaluations, simulate_campaign
 
 
 class BenchmarkError(ValueError):
@@ -32,6 +32,11 @@ class LabelledPool:
     labels: dict[str, np.ndarray]
     n_rows: int
     skipped: list[dict[str, Any]]
+    feature_names: list[str]
+
+    def acquisition_settings(self) -> AcquisitionSettings:
+        """Surrogate settings for this pool: site element codes (feature set ``sites``) go to a categorical kernel."""
+        return AcquisitionSettings(categorical_columns=tuple(site_element_columns(self.feature_names)))
 
 
 def load_labelled_pool(
@@ -42,8 +47,8 @@ def load_labelled_pool(
     gap_model: bool | str = False,
 ) -> LabelledPool:
     """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with the reason.
-    ``feature_set``: ``composition``, ``ordered`` or ``both``; ``gap_model``: add the band-gap model's predictions
-    (:func:`materials.features.featurize_formulas`)."""
+    ``feature_set``: ``composition``, ``ordered``, ``both`` or ``sites``; ``gap_model``: add the band-gap model's
+    predictions (:func:`materials.features.featurize_formulas`)."""
     from pipelines.campaign import read_csv_rows
 
     path = Path(path)
@@ -73,7 +78,7 @@ def load_labelled_pool(
         for c in columns:
             values[c].append(parsed[c])
     formulas = [rows[i][formula_column] for i in usable_rows]
-    X, _, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model)
+    X, names, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model)
     for j, reason in sorted(failures.items()):
         skipped.append({"row": usable_rows[j], "formula": formulas[j], "reason": reason})
     keep = np.asarray(ok_index, dtype=int)
@@ -85,10 +90,11 @@ def load_labelled_pool(
         labels={c: np.asarray(values[c])[keep] for c in columns},
         n_rows=len(rows),
         skipped=skipped,
+        feature_names=names,
     )
 
 
-def _replay(features, labels, objective, method, q, n_init, seed, hits, budget) -> dict[str, Any]:
+def _replay(features, labels, objective, method, q, n_init, seed, hits, budget, settings) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -103,6 +109,7 @@ def _replay(features, labels, objective, method, q, n_init, seed, hits, budget) 
         max_evaluations=budget,
         target_hits=hits,
         init_method="diverse" if method != "random" else "random",
+        settings=settings,
     )
 
 
@@ -116,8 +123,11 @@ def run_benchmark(
     n_init: int,
     budget: int | None = None,
     num_cpus: int = 2,
+    settings: AcquisitionSettings | None = None,
 ) -> dict[str, Any]:
-    """Replay every (method, seed) on Ray; returns per-method medians and acceleration factors."""
+    """Replay every (method, seed) on Ray; returns per-method medians and acceleration factors.
+
+    ``settings``: surrogate/acquisition parameters (default: :meth:`LabelledPool.acquisition_settings`)."""
     import ray
 
     from pipelines.config import RaySettings
@@ -133,9 +143,10 @@ def run_benchmark(
     try:
         replay = ray.remote(num_cpus=1)(_replay)
         features_ref, labels_ref = ray.put(pool.features), ray.put(pool.labels)
+        settings = settings or pool.acquisition_settings()
         start = time.perf_counter()
         refs = {
-            (m, s): replay.remote(features_ref, labels_ref, objective, m, q, n_init, s, hits, budget)
+            (m, s): replay.remote(features_ref, labels_ref, objective, m, q, n_init, s, hits, budget, settings)
             for m in methods
             for s in range(seeds)
         }
@@ -153,6 +164,8 @@ def run_benchmark(
         "seeds": seeds,
         "q": q,
         "n_init": n_init,
+        "n_features": int(pool.features.shape[1]),
+        "settings": asdict(settings),
         "seconds": seconds,
         "random_expected": expected_random_evaluations(len(pool.formulas), n_hits, hits),
         "methods": {},

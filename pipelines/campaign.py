@@ -26,9 +26,16 @@ from typing import Any
 import numpy as np
 import yaml
 
-from materials.features import featurize_formulas
+from materials.features import featurize_formulas, site_element_columns
 from materials.finetune import read_frames, write_frames
-from materials.optimize import WindowObjective, initial_design, label_arrays, method_targets, propose_batch
+from materials.optimize import (
+    AcquisitionSettings,
+    WindowObjective,
+    initial_design,
+    label_arrays,
+    method_targets,
+    propose_batch,
+)
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
@@ -406,6 +413,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
                 method=method,
                 seed=config.seed * 100_003 + iteration,
                 objective=objective,
+                settings=AcquisitionSettings(categorical_columns=tuple(site_element_columns(pool.feature_names))),
             )
             prop = proposal.as_dict()
             store.add_iteration(iteration, method, prop)

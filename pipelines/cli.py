@@ -294,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-init", type=int, default=10)
     bench.add_argument(
         "--features",
-        default="both",
-        choices=["composition", "ordered", "both"],
-        help="formula features: composition statistics, site-ordered (k-th written element), or both",
+        default="sites",
+        choices=["composition", "ordered", "both", "sites"],
+        help="formula features: composition statistics, site-ordered (k-th written element), both, or sites "
+        "(composition statistics + the element at each written site, under a categorical kernel; default)",
     )
     bench.add_argument("--gap-model", action="store_true", help="add the band-gap model's predictions as features")
     bench.add_argument("--budget", type=int, help="evaluations at most per run (default: the pool)")

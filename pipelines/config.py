@@ -166,8 +166,10 @@ class PoolSettings(_Strict):
     csv: str | None = None
     formula_column: str = "formula"
     id_column: str | None = None
-    features: Literal["composition", "ordered", "both"] = Field(
-        default="both", description="formula features: composition statistics, site-ordered, or both"
+    features: Literal["composition", "ordered", "both", "sites"] = Field(
+        default="sites",
+        description="formula features: composition statistics, site-ordered, both, or sites (composition statistics"
+        " + the element written at each site, under a categorical kernel)",
     )
 
 

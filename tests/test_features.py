@@ -122,3 +122,21 @@ def test_site_ordered_features_tell_site_swaps_apart():
         featurize_formulas(["GaAs"], "site")
     with pytest.raises(FeatureError, match="flat formula"):
         ordered_features("Ca(OH)2", 2)
+
+
+def test_site_element_codes_for_a_categorical_kernel():
+    from materials.features import site_element_columns, site_elements
+
+    assert site_elements("SrTiO3", 3) == {"site0_element": 38.0, "site1_element": 22.0, "site2_element": 8.0}
+    # A = B merged into one written element: the missing position gets code 0, a category of its own
+    assert site_elements("Ac2O3", 3) == {"site0_element": 89.0, "site1_element": 8.0, "site2_element": 0.0}
+    X, names, failures, ok = featurize_formulas(["SrTiO3", "TiSrO3", "GaAs"], "sites")
+    n_comp = len(composition_feature_names())
+    assert names[:n_comp] == composition_feature_names()
+    assert names[n_comp:] == ["site0_element", "site1_element", "site2_element"]
+    assert site_element_columns(names) == [n_comp, n_comp + 1, n_comp + 2]
+    assert site_element_columns(["Z_mean", "site0_Z", "site12_element"]) == [2]
+    assert X[:, n_comp:].tolist() == [[38.0, 22.0, 8.0], [22.0, 38.0, 8.0], [31.0, 33.0, 0.0]]
+    assert np.array_equal(X[0, :n_comp], X[1, :n_comp])  # composition statistics cannot tell the swap apart
+    with pytest.raises(FeatureError, match="flat formula"):
+        site_elements("Ca(OH)2", 3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -259,3 +260,105 @@ def test_simulated_campaign_accepts_rows_of_labels():
     a = simulate_campaign(X, rows, PV, "random", q=3, n_init=4, seed=1, max_evaluations=30)
     b = simulate_campaign(X, labels, PV, "random", q=3, n_init=4, seed=1, max_evaluations=30)
     assert a["order"] == b["order"] and len(a["order"]) == 30 and a["evaluations_to_target"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Site (categorical) kernel
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _set_site_kernel(kernel, cont_scale: float, cat_scales: list[float], cat_lengthscales: list[float]) -> None:
+    """Fix the hyperparameters of a site_kernel sum/additive: continuous ScaleKernel first, then categorical."""
+    from botorch.models.kernels.categorical import CategoricalKernel
+
+    scales = [k for k in kernel.modules() if hasattr(k, "outputscale")]
+    scales[0].outputscale = cont_scale
+    for scale, value in zip(scales[1:], cat_scales, strict=True):
+        scale.outputscale = value
+    cats = [k for k in kernel.modules() if isinstance(k, CategoricalKernel)]
+    if len(cats) == 1:
+        cats[0].lengthscale = torch.tensor([cat_lengthscales], dtype=torch.float64)
+    else:
+        for k, value in zip(cats, cat_lengthscales, strict=True):
+            k.lengthscale = torch.tensor([[value]], dtype=torch.float64)
+
+
+def test_site_kernel_exact_values():
+    from materials.optimize import site_kernel
+
+    # columns: one continuous feature, then the element codes of two sites (atomic numbers)
+    X = torch.tensor([[0.3, 38.0, 22.0], [0.3, 38.0, 22.0], [0.3, 56.0, 22.0], [0.3, 56.0, 40.0]], dtype=torch.float64)
+    kernel = site_kernel(3, [1, 2], combine="sum").to(torch.float64)
+    _set_site_kernel(kernel, 2.0, [0.5], [1.0, 2.0])
+    K = kernel(X).to_dense().detach()
+    # same continuous value and same elements: k = s_cont + s_cat, correlation exactly 1
+    assert K[0, 1] == pytest.approx(2.5) and K[0, 0] == pytest.approx(2.5)
+    assert (K[0, 1] / torch.sqrt(K[0, 0] * K[1, 1])).item() == pytest.approx(1.0)
+    # site 0 differs (lengthscale 1): exp(-mean([1/1, 0/2])) = exp(-0.5)
+    assert K[0, 2] == pytest.approx(2.0 + 0.5 * math.exp(-0.5))
+    # both sites differ: exp(-(1/1 + 1/2) / 2) = exp(-0.75); codes are labels, |56 - 38| plays no role
+    assert K[0, 3] == pytest.approx(2.0 + 0.5 * math.exp(-0.75))
+
+    additive = site_kernel(3, [1, 2], combine="additive").to(torch.float64)
+    _set_site_kernel(additive, 2.0, [0.5, 0.25], [1.0, 2.0])
+    K = additive(X).to_dense().detach()
+    assert K[0, 1] == pytest.approx(2.75)
+    assert K[0, 3] == pytest.approx(2.0 + 0.5 * math.exp(-1.0) + 0.25 * math.exp(-0.5))
+
+    assert type(site_kernel(3, [])).__name__ == "MaternKernel"  # no categorical column: the plain kernel
+
+
+def test_site_kernel_and_settings_reject_bad_input():
+    from materials.optimize import site_kernel
+
+    with pytest.raises(OptimizationError, match=r"must lie in \[0, 3\)"):
+        site_kernel(3, [3])
+    with pytest.raises(OptimizationError, match="all 2 columns are categorical"):
+        site_kernel(2, [0, 1])
+    with pytest.raises(OptimizationError, match="combine 'product' unknown"):
+        site_kernel(3, [2], combine="product")  # type: ignore[arg-type]
+    with pytest.raises(OptimizationError, match="distinct non-negative"):
+        AcquisitionSettings(categorical_columns=(-1,))
+    with pytest.raises(OptimizationError, match="distinct non-negative"):
+        AcquisitionSettings(categorical_columns=(2, 2))
+    with pytest.raises(OptimizationError, match="categorical_kernel 'x' unknown"):
+        AcquisitionSettings(categorical_kernel="x")  # type: ignore[arg-type]
+    X = np.random.default_rng(0).random((10, 2))
+    with pytest.raises(OptimizationError, match=r"categorical_columns \[5\] are past the pool's 2"):
+        propose_batch(
+            X,
+            [0, 1, 2],
+            X[[0, 1, 2], 0],
+            q=1,
+            method="greedy",
+            seed=0,
+            settings=AcquisitionSettings(categorical_columns=(5,)),
+        )
+
+
+def test_bo_hit_with_site_codes_prefers_the_hit_element():
+    # 40 candidates: a continuous feature and the element code of one site; hits are exactly the code-26 rows
+    rng = np.random.default_rng(4)
+    codes = np.repeat([8.0, 22.0, 26.0, 40.0], 10)
+    X = np.column_stack([rng.random(40), codes])
+    gap = np.where(codes == 26.0, 1.5, 4.0)
+    labels = {"gap": gap, "e_hull": np.zeros(40)}
+    evaluated = [0, 1, 10, 11, 20, 21, 30, 31]  # two of each element, two hits
+    y = method_targets("bo-hit", PV, labels)[evaluated]
+    settings = AcquisitionSettings(fit_maxiter=50, categorical_columns=(1,))
+    proposal = propose_batch(X, evaluated, y, q=5, method="bo-hit", seed=0, objective=PV, settings=settings)
+    assert set(proposal.indices) <= set(range(22, 30))  # the unevaluated code-26 rows
+    assert "target_categorical_lengthscale_median" in proposal.model_info
+    # a categorical column that is constant over the pool is dropped like any constant feature: plain kernel
+    X_const = np.column_stack([X[:, 0], np.full(40, 8.0), X[:, 1] / 10])
+    plain = propose_batch(
+        X_const,
+        evaluated,
+        y,
+        q=5,
+        method="bo-hit",
+        seed=0,
+        objective=PV,
+        settings=replace(settings, categorical_columns=(1,)),
+    )
+    assert "target_categorical_lengthscale_median" not in plain.model_info and len(plain.indices) == 5
