@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import smact
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Element, Lattice, Structure
 from smact.screening import pauling_test
+
+log = logging.getLogger(__name__)
 
 #: Source tag of candidates built here (as opposed to a file path for structures read from disk).
 GENERATED = "generated"
@@ -443,20 +446,30 @@ def _covalent_volume(structure: Structure) -> float:
 
 def _dls_volume(structure: Structure) -> float | None:
     """pymatgen DLS predicted cell volume, Å^3, or None when the predictor or an element's parameters are
-    missing or it fails."""
+    missing or it fails; the reason is logged (warning) with the formula, and the caller falls back to the
+    covalent-radius volume (reported as the method used)."""
+    formula = structure.composition.reduced_formula
     try:
         from pymatgen.analysis.structure_prediction.volume_predictor import DLSVolumePredictor, bond_params
-    except ImportError:
+    except ImportError as exc:
+        log.warning("%s: DLS volume predictor unavailable (%s); using the covalent-radius volume", formula, exc)
         return None
-    if any(sp.symbol not in bond_params for sp in structure.composition):
+    missing = sorted({sp.symbol for sp in structure.composition if sp.symbol not in bond_params})
+    if missing:
+        log.warning("%s: no DLS bond parameters for %s; using the covalent-radius volume", formula, ", ".join(missing))
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             volume = DLSVolumePredictor(min_scaling=0.5, max_scaling=2.0).predict(structure)
-    except Exception:  # noqa: BLE001 - any failure of the heuristic means "use the fallback"
+    except Exception as exc:  # noqa: BLE001 - any failure of the heuristic means "use the fallback", said here
+        log.warning("%s: DLS volume prediction failed (%s: %s); using the covalent-radius volume",
+                    formula, type(exc).__name__, exc)  # fmt: skip
         return None
-    return float(volume) if np.isfinite(volume) and volume > 0 else None
+    if not (np.isfinite(volume) and volume > 0):
+        log.warning("%s: DLS predicted a volume of %s; using the covalent-radius volume", formula, volume)
+        return None
+    return float(volume)
 
 
 VOLUME_METHODS = ("covalent", "dls")

@@ -163,6 +163,16 @@ def test_dls_method_is_available_and_sane() -> None:
         estimate_volume(s, method="magic")
 
 
+def test_dls_fallback_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """An element without DLS bond parameters falls back to the covalent volume, and the log names it."""
+    s = build_prototype("rocksalt", ["Ra", "O"], scale_volume=False)
+    with caplog.at_level("WARNING", logger="materials.candidates"):
+        volume, method = estimate_volume(s, method="dls")
+    assert method == "covalent"
+    assert volume == pytest.approx(estimate_volume(s)[0], rel=1e-12)
+    assert "RaO: no DLS bond parameters for Ra" in caplog.text
+
+
 def test_charge_balance() -> None:
     assert charge_balanced(["Ga", "As"], [1, 1])
     assert not charge_balanced(["Ga", "As"], [1, 2])
