@@ -8,6 +8,11 @@
 # installs only what materials/batched.py needs (torch if missing, chgnet, mace-torch, torch-sim, pymatgen, ase,
 # pydantic; no Ray, MLflow, GPAW). Offline, point WHEELS at a folder of wheels (pip --no-index --find-links).
 #
+# On a machine with no network and a CUDA torch already in its python3 (measured this way on an H200, results in
+# benchmarks/results/gpu_check_h200.json): download the wheels listed in benchmarks/gpu_wheels.txt into .whl/ where
+# pip works, copy .whl/ there, then
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHON=python3 benchmarks/gpu_check.sh
+#
 #   benchmarks/gpu_check.sh                      # cuda, full sizes; table on stdout, JSON in ${OUT:-/tmp}/gpu_check.json
 #   PYTHON=.venv/bin/python benchmarks/gpu_check.sh --device cpu --small     # the CPU smoke test of this script
 set -euo pipefail
