@@ -24,6 +24,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -311,6 +312,97 @@ def site_element_columns(names: Sequence[str]) -> list[int]:
 
 
 #: Feature sets of :func:`featurize_formulas`.
+#: log10-free natural-log frequency given to an oxidation state an element is never seen in (ICSD counts).
+UNSEEN_OXIDATION_LOG_PROB = -12.0
+#: ... and to every state of an element absent from the ICSD table (e.g. Ac, Np, Pu): a neutral, moderate value.
+UNTABULATED_ELEMENT_LOG_PROB = -2.0
+
+
+def oxidation_feature_names(positions: int) -> list[str]:
+    """Names of :func:`oxidation_features`: two per formula, three per written position k < ``positions``."""
+    per_site = [f"site{k}_{n}" for k in range(positions) for n in ("oxidation", "valence_left", "oxidation_log_prob")]
+    return ["oxidation_balanced", "oxidation_log_prob", *per_site]
+
+
+@functools.lru_cache(maxsize=1)
+def _oxidation_log_probs() -> Mapping[str, Mapping[float, float]]:
+    """Per element, ln of the fraction of its ICSD occurrences in each oxidation state (pymatgen's
+    ``icsd_bv.yaml``, the counts ``Composition.oxi_state_guesses`` ranks guesses by), add-one smoothed."""
+    from monty.serialization import loadfn
+    from pymatgen.core import Species
+    from pymatgen.core import composition as composition_module
+
+    data = loadfn(Path(composition_module.__file__).with_name("icsd_bv.yaml"))["occurrence"]
+    counts: dict[str, dict[float, float]] = {}
+    for label, count in data.items():
+        species = Species.from_str(label)
+        counts.setdefault(species.symbol, {})[float(species.oxi_state)] = float(count)
+    out = {}
+    for symbol, states in counts.items():
+        total = sum(states.values()) + len(states) + 1.0
+        out[symbol] = MappingProxyType({ox: math.log((n + 1.0) / total) for ox, n in states.items()})
+    return MappingProxyType(out)
+
+
+def _state_log_prob(symbol: str, oxidation: float) -> float:
+    table = _oxidation_log_probs().get(symbol)
+    if table is None:
+        return UNTABULATED_ELEMENT_LOG_PROB
+    return table.get(float(oxidation), UNSEEN_OXIDATION_LOG_PROB)
+
+
+def _group_valence(element: Element) -> float:
+    """Valence electrons counted from the group: 1-12 for groups 1-12, group - 10 for 13-18 (La-Lu, Ac-Lr: 3)."""
+    group = element.group
+    return float(group if group <= 12 else group - 10)
+
+
+def oxidation_features(formula: str, positions: int) -> dict[str, float]:
+    """Descriptors of the most likely charge-balanced oxidation states of a formula (offline, pymatgen).
+
+    The states are pymatgen's first ``Composition.oxi_state_guesses()`` (charge balance, ranked by how often
+    each state occurs in the ICSD). Features: ``oxidation_balanced`` (1 if any balanced assignment exists, else
+    0), ``oxidation_log_prob`` (atom-averaged ln frequency of the assigned states among each element's ICSD
+    occurrences: near 0 for common states such as La3+ Fe3+ O2-, very negative for rare ones;
+    :data:`UNTABULATED_ELEMENT_LOG_PROB` for elements the table lacks), and per written position k:
+    ``site<k>_oxidation``, ``site<k>_valence_left`` (valence electrons from the group minus the oxidation
+    state: the d count of a transition-metal cation such as Fe3+ -> 5, 2 for the lone pair of Pb2+, 8 for O2-)
+    and ``site<k>_oxidation_log_prob``. Unbalanced formulas and positions past the last element get
+    oxidation 0, valence_left -1 and log prob :data:`UNSEEN_OXIDATION_LOG_PROB`.
+
+    Stability and band gaps of ionic solids follow these (rare oxidation states are rarely stable; the d count
+    of the cation decides metal or gap), which composition statistics alone do not express.
+
+    Raises:
+        FeatureError: as :func:`written_elements`.
+    """
+    elements = written_elements(formula)
+    comp = Composition(formula)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guesses = comp.oxi_state_guesses(max_sites=-1)
+    states = {str(k): float(v) for k, v in guesses[0].items()} if guesses else {}
+    out = {"oxidation_balanced": 1.0 if states else 0.0}
+    if states:
+        amounts = comp.get_el_amt_dict()
+        total = sum(amounts.values())
+        out["oxidation_log_prob"] = sum(_state_log_prob(el, states[el]) * n for el, n in amounts.items()) / total
+    else:
+        out["oxidation_log_prob"] = UNSEEN_OXIDATION_LOG_PROB
+    for k in range(positions):
+        symbol = elements[k][0] if k < len(elements) else None
+        if symbol is not None and symbol in states:
+            ox = states[symbol]
+            out[f"site{k}_oxidation"] = ox
+            out[f"site{k}_valence_left"] = _group_valence(Element(symbol)) - ox
+            out[f"site{k}_oxidation_log_prob"] = _state_log_prob(symbol, ox)
+        else:
+            out[f"site{k}_oxidation"] = 0.0
+            out[f"site{k}_valence_left"] = -1.0
+            out[f"site{k}_oxidation_log_prob"] = UNSEEN_OXIDATION_LOG_PROB
+    return out
+
+
 FEATURE_SETS = ("composition", "ordered", "both", "sites")
 #: Most written positions that get site-ordered features.
 MAX_ORDERED_POSITIONS = 4
@@ -341,6 +433,7 @@ def featurize_formulas(
     feature_set: str = "composition",
     positions: int | None = None,
     gap_model: bool | str = False,
+    oxidation: bool = False,
 ) -> tuple[np.ndarray, list[str], dict[int, str], np.ndarray]:
     """Features of many formulas; bad rows are recorded and skipped, the batch keeps going.
 
@@ -353,6 +446,8 @@ def featurize_formulas(
             formula has, at most :data:`MAX_ORDERED_POSITIONS`). Missing positions get their column's mean
             (ordered features) or code 0 (site codes).
         gap_model: also add :func:`gap_model_features` (True: the shipped model; a str: that model file).
+        oxidation: also add :func:`oxidation_features` (most likely oxidation states, their ICSD frequency, the
+            valence electrons left on each written position), before any site element codes.
 
     Returns:
         ``(X, names, failures, ok_index)``: ``X`` float64 of shape (n_ok, d) in input order of the rows that
@@ -367,7 +462,7 @@ def featurize_formulas(
     rows: list[dict[str, float]] = []
     ok: list[int] = []
     failures: dict[int, str] = {}
-    if (use_ordered or use_sites) and positions is None:
+    if (use_ordered or use_sites or oxidation) and positions is None:
         counts = []
         for formula in formulas:
             try:
@@ -378,6 +473,7 @@ def featurize_formulas(
     names = (composition_feature_names() if use_comp else []) + (
         ordered_feature_names(positions) if use_ordered else []
     )
+    names += oxidation_feature_names(positions) if oxidation else []
     names += site_element_names(positions) if use_sites else []
     model_rows: list[dict[str, float] | str] = []
     if gap_model:
@@ -388,6 +484,8 @@ def featurize_formulas(
             feats = composition_features(formula) if use_comp else {}
             if use_ordered:
                 feats.update(ordered_features(formula, positions))
+            if oxidation:
+                feats.update(oxidation_features(formula, positions))
             if use_sites:
                 feats.update(site_elements(formula, positions))
         except FeatureError as exc:

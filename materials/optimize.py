@@ -321,6 +321,12 @@ class AcquisitionSettings:
             over the pool is dropped like any constant feature.
         categorical_kernel: how the categorical kernel joins the continuous one (:func:`site_kernel`): ``"sum"``
             (measured best on the perovskite benchmark), ``"mixed"`` or ``"additive"``.
+        surrogate: ``"gp"`` (BoTorch ``SingleTaskGP``) or ``"forest"`` (``"bo-hit"`` only: a scikit-learn random
+            forest per margin; mean and spread over its trees, :func:`forest_mean_std`). With few observations in
+            many feature dimensions the forest picks the informative features where the GP's ARD cannot yet.
+        forest_trees, forest_max_features: trees per forest and the fraction of features each split considers.
+        forest_min_std: added to the spread over trees (margin units), so that a candidate on which every tree
+            agrees still has some uncertainty.
     """
 
     kernel: Literal["rbf", "matern"] = "matern"
@@ -332,8 +338,19 @@ class AcquisitionSettings:
     margin_clip: float | None = 3.0
     categorical_columns: tuple[int, ...] = ()
     categorical_kernel: Literal["sum", "mixed", "additive"] = "sum"
+    surrogate: Literal["gp", "forest"] = "gp"
+    forest_trees: int = 100
+    forest_max_features: float = 0.3
+    forest_min_std: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.surrogate not in ("gp", "forest"):
+            raise OptimizationError(f"surrogate {self.surrogate!r} unknown; use 'gp' or 'forest'.")
+        if self.forest_trees < 2 or not 0 < self.forest_max_features <= 1 or not self.forest_min_std >= 0:
+            raise OptimizationError(
+                "forest settings need forest_trees >= 2, 0 < forest_max_features <= 1 and forest_min_std >= 0; got "
+                f"{self.forest_trees}, {self.forest_max_features}, {self.forest_min_std}."
+            )
         if self.kernel not in ("rbf", "matern"):
             raise OptimizationError(f"kernel {self.kernel!r} unknown; use 'rbf' or 'matern'.")
         if self.categorical_kernel not in ("sum", "mixed", "additive"):
@@ -603,6 +620,8 @@ def propose_batch(
         raise OptimizationError("no candidate left in the pool: every index has been evaluated.")
     q = min(q, available.size)
 
+    if settings.surrogate == "forest" and method not in ("bo-hit", "random"):
+        raise OptimizationError(f"surrogate 'forest' is implemented for method 'bo-hit' only; got {method!r}.")
     if method == "random":
         rng = np.random.default_rng([seed, evaluated_idx.size])
         picks = rng.choice(available, size=q, replace=False)
@@ -736,6 +755,23 @@ def log_hit_probability(
     return log_p
 
 
+def forest_mean_std(
+    X_train: np.ndarray, y: np.ndarray, X_pred: np.ndarray, settings: AcquisitionSettings, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random-forest surrogate of one outcome: the mean over trees and their standard deviation plus
+    ``settings.forest_min_std``, each of shape (n_pred,). Deterministic for a given ``seed`` (one thread)."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    forest = RandomForestRegressor(
+        n_estimators=settings.forest_trees,
+        max_features=settings.forest_max_features,
+        random_state=seed,
+        n_jobs=1,
+    ).fit(np.asarray(X_train, dtype=np.float64), np.asarray(y, dtype=np.float64).reshape(-1))
+    per_tree = np.stack([tree.predict(np.asarray(X_pred, dtype=np.float64)) for tree in forest.estimators_])
+    return per_tree.mean(axis=0), per_tree.std(axis=0) + settings.forest_min_std
+
+
 def _propose_hit(
     X_train: torch.Tensor,
     Y: torch.Tensor,
@@ -747,7 +783,8 @@ def _propose_hit(
     objective: WindowObjective,
     settings: AcquisitionSettings,
 ) -> Proposal:
-    """Top-q probability of a hit from one GP per label (independent predictive Gaussians, noise included).
+    """Top-q probability of a hit from one surrogate per label (independent predictive Gaussians; a GP's include
+    the noise).
 
     With ``settings.margin_clip`` set, each GP models a clipped signed margin (:meth:`WindowObjective.margins`)
     and P(hit) = prod_j P(margin_j <= 0); otherwise the GPs model the raw labels (:func:`log_hit_probability`).
@@ -761,9 +798,13 @@ def _propose_hit(
         outcomes = labels
     means, stds = [], []
     for j, prefix in enumerate(("target_", "stable_")[: outcomes.shape[1]]):
-        model = fit_gp(X_train, torch.as_tensor(outcomes[:, j : j + 1]), bounds, **_gp_options(settings))
-        info.update(gp_info(model, prefix))
-        mean, std = _mean_std(model, X_avail, observation_noise=True)
+        if settings.surrogate == "forest":
+            mean, std = forest_mean_std(X_train.numpy(), outcomes[:, j], X_avail.numpy(), settings, seed)
+            info[f"{prefix}forest_trees"] = float(settings.forest_trees)
+        else:
+            model = fit_gp(X_train, torch.as_tensor(outcomes[:, j : j + 1]), bounds, **_gp_options(settings))
+            info.update(gp_info(model, prefix))
+            mean, std = _mean_std(model, X_avail, observation_noise=True)
         means.append(mean)
         stds.append(std)
     if settings.margin_clip is not None:

@@ -11,7 +11,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,12 @@ class LabelledPool:
     skipped: list[dict[str, Any]]
     feature_names: list[str]
 
-    def acquisition_settings(self) -> AcquisitionSettings:
-        """Surrogate settings for this pool: site element codes (feature set ``sites``) go to a categorical kernel."""
-        return AcquisitionSettings(categorical_columns=tuple(site_element_columns(self.feature_names)))
+    def acquisition_settings(self, surrogate: str = "gp") -> AcquisitionSettings:
+        """Surrogate settings for this pool: site element codes (feature set ``sites``) go to a categorical kernel;
+        ``surrogate``: ``"gp"`` or ``"forest"`` (:class:`materials.optimize.AcquisitionSettings`)."""
+        return AcquisitionSettings(
+            categorical_columns=tuple(site_element_columns(self.feature_names)), surrogate=surrogate
+        )
 
 
 def load_labelled_pool(
@@ -45,10 +48,11 @@ def load_labelled_pool(
     columns: Sequence[str],
     feature_set: str = "both",
     gap_model: bool | str = False,
+    oxidation: bool = False,
 ) -> LabelledPool:
     """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with the reason.
     ``feature_set``: ``composition``, ``ordered``, ``both`` or ``sites``; ``gap_model``: add the band-gap model's
-    predictions (:func:`materials.features.featurize_formulas`)."""
+    predictions; ``oxidation``: add the oxidation-state features (:func:`materials.features.featurize_formulas`)."""
     from pipelines.campaign import read_csv_rows
 
     path = Path(path)
@@ -78,7 +82,7 @@ def load_labelled_pool(
         for c in columns:
             values[c].append(parsed[c])
     formulas = [rows[i][formula_column] for i in usable_rows]
-    X, names, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model)
+    X, names, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model, oxidation=oxidation)
     for j, reason in sorted(failures.items()):
         skipped.append({"row": usable_rows[j], "formula": formulas[j], "reason": reason})
     keep = np.asarray(ok_index, dtype=int)
@@ -124,10 +128,13 @@ def run_benchmark(
     budget: int | None = None,
     num_cpus: int = 2,
     settings: AcquisitionSettings | None = None,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Replay every (method, seed) on Ray; returns per-method medians and acceleration factors.
 
-    ``settings``: surrogate/acquisition parameters (default: :meth:`LabelledPool.acquisition_settings`)."""
+    Seeds are ``first_seed .. first_seed + seeds - 1`` (another range is a fresh sample of campaigns).
+    ``settings``: surrogate/acquisition parameters (default: :meth:`LabelledPool.acquisition_settings`); a
+    ``"forest"`` surrogate applies to ``bo-hit``, the other model-based methods keep the GP."""
     import ray
 
     from pipelines.config import RaySettings
@@ -144,11 +151,23 @@ def run_benchmark(
         replay = ray.remote(num_cpus=1)(_replay)
         features_ref, labels_ref = ray.put(pool.features), ray.put(pool.labels)
         settings = settings or pool.acquisition_settings()
+        seed_list = list(range(first_seed, first_seed + seeds))
         start = time.perf_counter()
         refs = {
-            (m, s): replay.remote(features_ref, labels_ref, objective, m, q, n_init, s, hits, budget, settings)
+            (m, s): replay.remote(
+                features_ref,
+                labels_ref,
+                objective,
+                m,
+                q,
+                n_init,
+                s,
+                hits,
+                budget,
+                settings if m == "bo-hit" else replace(settings, surrogate="gp"),
+            )
             for m in methods
-            for s in range(seeds)
+            for s in seed_list
         }
         runs = {key: ray.get(ref) for key, ref in refs.items()}
         seconds = time.perf_counter() - start
@@ -162,6 +181,7 @@ def run_benchmark(
         "n_hits_pool": n_hits,
         "hits": hits,
         "seeds": seeds,
+        "first_seed": first_seed,
         "q": q,
         "n_init": n_init,
         "n_features": int(pool.features.shape[1]),
@@ -171,16 +191,16 @@ def run_benchmark(
         "methods": {},
     }
     for m in methods:
-        evals = [runs[(m, s)]["evaluations_to_target"] for s in range(seeds)]
+        evals = [runs[(m, s)]["evaluations_to_target"] for s in seed_list]
         reached = [e for e in evals if e is not None]
-        iteration_seconds = [t for s in range(seeds) for t in runs[(m, s)]["iteration_seconds"]]
+        iteration_seconds = [t for s in seed_list for t in runs[(m, s)]["iteration_seconds"]]
         report["methods"][m] = {
             "evaluations_to_target": evals,
             "median": statistics.median(reached) if len(reached) == seeds else None,
             "min": min(reached) if reached else None,
             "max": max(reached) if reached else None,
             "seconds_per_iteration": statistics.mean(iteration_seconds) if iteration_seconds else 0.0,
-            "traces": [runs[(m, s)]["hits"] for s in range(seeds)],
+            "traces": [runs[(m, s)]["hits"] for s in seed_list],
         }
     random_median = report["methods"].get("random", {}).get("median") or report["random_expected"]
     for entry in report["methods"].values():

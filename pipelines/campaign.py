@@ -75,6 +75,7 @@ def pool_from_rows(
     id_column: str | None,
     source: str,
     feature_set: str = "both",
+    oxidation: bool = False,
 ) -> Pool:
     """Featurise a pool's formulas (``feature_set`` of :func:`materials.features.featurize_formulas`); rows whose
     formula does not parse are skipped with the reason."""
@@ -89,7 +90,7 @@ def pool_from_rows(
     if len(set(ids)) != len(ids):
         raise CampaignError(f"{source}: ids in column {id_column!r} are not unique")
     formulas = [str(r[formula_column] or "") for r in rows]
-    features, names, failed, ok_index = featurize_formulas(formulas, feature_set)
+    features, names, failed, ok_index = featurize_formulas(formulas, feature_set, oxidation=oxidation)
     skipped = [{"id": ids[i], "formula": formulas[i], "reason": reason} for i, reason in sorted(failed.items())]
     keep = [int(i) for i in ok_index]
     return Pool(
@@ -199,6 +200,10 @@ def campaign_fingerprint(config: CampaignConfig) -> str:
     or retuned for a resumed campaign (each model records its own settings)."""
     exclude = {"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
     science = config.model_dump(mode="json", exclude=exclude)
+    # settings added later count only when set, so campaigns started before they existed still resume
+    for section, key, default in (("pool", "oxidation", False), ("optimizer", "surrogate", "gp")):
+        if science.get(section, {}).get(key) == default:
+            science[section].pop(key)
     return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -228,7 +233,12 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
             raise CampaignError("oracle.kind: dft needs structures: use a generated pool (pool.csv: null)")
         rows = read_csv_rows(config.pool.csv)
         pool = pool_from_rows(
-            rows, config.pool.formula_column, config.pool.id_column, config.pool.csv, config.pool.features
+            rows,
+            config.pool.formula_column,
+            config.pool.id_column,
+            config.pool.csv,
+            config.pool.features,
+            config.pool.oxidation,
         )
         if config.oracle.kind == "mlip":
             raise CampaignError("oracle.kind: mlip labels a generated pool; with pool.csv use oracle.kind: table")
@@ -243,7 +253,9 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
             raise CampaignError("oracle.kind: table with a generated pool needs oracle.csv (labels by formula)")
     summary = run_screen(config.screen_config(), out_dir=out / "screen", resume=True, progress=False)
     rows = [r for r in read_csv_rows(summary.out_dir / "results.csv") if r["status"] == "ok"]
-    pool = pool_from_rows(rows, "formula", "id", str(summary.out_dir / "results.csv"), config.pool.features)
+    pool = pool_from_rows(
+        rows, "formula", "id", str(summary.out_dir / "results.csv"), config.pool.features, config.pool.oxidation
+    )
     if config.oracle.kind == "table":
         label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
         return pool, RowOracle("table", label_rows, columns)
@@ -413,7 +425,9 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
                 method=method,
                 seed=config.seed * 100_003 + iteration,
                 objective=objective,
-                settings=AcquisitionSettings(categorical_columns=tuple(site_element_columns(pool.feature_names))),
+                settings=AcquisitionSettings(
+                    categorical_columns=tuple(site_element_columns(pool.feature_names)), surrogate=opt.surrogate
+                ),
             )
             prop = proposal.as_dict()
             store.add_iteration(iteration, method, prop)

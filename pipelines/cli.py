@@ -89,7 +89,7 @@ def cmd_bo_benchmark(args: argparse.Namespace) -> int:
         target=args.target, low=low, high=high, stable=args.stable_column, stable_max=args.stable_max
     )
     columns = [args.target] + ([args.stable_column] if args.stable_column else [])
-    pool = load_labelled_pool(args.pool, args.formula_column, columns, args.features, args.gap_model)
+    pool = load_labelled_pool(args.pool, args.formula_column, columns, args.features, args.gap_model, args.oxidation)
     report = run_benchmark(
         pool,
         objective,
@@ -100,6 +100,8 @@ def cmd_bo_benchmark(args: argparse.Namespace) -> int:
         n_init=args.n_init,
         budget=args.budget,
         num_cpus=args.num_cpus,
+        settings=pool.acquisition_settings(args.surrogate),
+        first_seed=args.first_seed,
     )
     if args.plot:
         trace_plot(report, args.plot)
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stable-max", type=float, help="largest stability value that counts as stable")
     bench.add_argument("--hits", type=int, default=10, help="K: hits to find (default 10)")
     bench.add_argument("--seeds", type=int, default=10)
+    bench.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     bench.add_argument("--batch", type=int, default=5, help="q: batch size")
     bench.add_argument("--n-init", type=int, default=10)
     bench.add_argument(
@@ -300,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(composition statistics + the element at each written site, under a categorical kernel; default)",
     )
     bench.add_argument("--gap-model", action="store_true", help="add the band-gap model's predictions as features")
+    bench.add_argument(
+        "--oxidation",
+        action="store_true",
+        help="add oxidation-state features (likely balanced states, their ICSD frequency, valence electrons left)",
+    )
+    bench.add_argument(
+        "--surrogate",
+        default="gp",
+        choices=["gp", "forest"],
+        help="bo-hit surrogate: BoTorch GP (default) or a random forest per margin",
+    )
     bench.add_argument("--budget", type=int, help="evaluations at most per run (default: the pool)")
     bench.add_argument("--methods", default="bo,random", help="comma list of bo, bo-hit, greedy, random")
     bench.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (one replay per CPU)")

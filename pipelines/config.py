@@ -171,6 +171,10 @@ class PoolSettings(_Strict):
         description="formula features: composition statistics, site-ordered, both, or sites (composition statistics"
         " + the element written at each site, under a categorical kernel)",
     )
+    oxidation: bool = Field(
+        default=False,
+        description="also describe each formula by its likely oxidation states (materials.features.oxidation_features)",
+    )
 
 
 class ObjectiveSettings(_Strict):
@@ -207,9 +211,14 @@ class OptimizerSettings(_Strict):
     init: Literal["diverse", "random"] = "diverse"
     budget: int = Field(default=100, ge=1, description="evaluations, initial design included")
     target_hits: int | None = Field(default=None, ge=1, description="stop once this many hits are found")
+    surrogate: Literal["gp", "forest"] = Field(
+        default="gp", description="bo-hit's surrogate: BoTorch GP, or a random forest per margin"
+    )
 
     @model_validator(mode="after")
     def _budget_covers_init(self) -> OptimizerSettings:
+        if self.surrogate == "forest" and self.method != "bo-hit":
+            raise ValueError(f"optimizer.surrogate: forest needs optimizer.method: bo-hit (got {self.method!r})")
         if self.budget < self.n_init:
             raise ValueError(
                 f"optimizer.budget={self.budget} is smaller than the initial design optimizer.n_init={self.n_init}; "

@@ -145,3 +145,49 @@ def test_dft_oracle_campaign_on_a_screened_pool(tmp_path):
     # PBE gaps at low settings: all four are semiconductors with gaps between ~0.3 and ~2.5 eV
     assert all(0.2 < g < 3.0 for g in gaps.values()), gaps
     assert (tmp_path / "out" / "dft" / "dft_references").is_dir()
+
+
+def test_forest_surrogate_campaign_with_oxidation_features(pool_csv, tmp_path):
+    import hashlib
+
+    from pipelines.campaign import campaign_fingerprint
+
+    with pytest.raises(ConfigError, match="surrogate: forest needs optimizer.method: bo-hit"):
+        config_for(pool_csv, tmp_path, surrogate="forest")
+    config = config_for(pool_csv, tmp_path, method="bo-hit", surrogate="forest")
+    config.pool.oxidation = True
+    summary = run_campaign(config, out_dir=tmp_path / "forest")
+    assert summary.n_evaluated == 22 and summary.n_skipped == 2
+    # 5 of the 200 are hits: random search expects 22 * 5 / 200 = 0.55 in this budget
+    assert summary.n_hits >= 1
+    rows = read_evaluations(tmp_path / "forest")
+    assert len({r["id"] for r in rows}) == 22
+    proposals = [
+        p for _, kind, p in CampaignStore(tmp_path / "forest" / "campaign.sqlite").iterations() if kind == "bo-hit"
+    ]
+    assert len(proposals) == 4 and all(p["model_info"]["target_forest_trees"] == 100.0 for p in proposals)
+    # settings added later leave the fingerprint of a campaign that does not set them as it was before them
+    plain = config_for(pool_csv, tmp_path, method="bo-hit")
+    science = plain.model_dump(
+        mode="json", exclude={"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
+    )
+    del science["pool"]["oxidation"], science["optimizer"]["surrogate"]
+    before = hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
+    assert campaign_fingerprint(plain) == before != campaign_fingerprint(config)
+
+
+def test_bo_benchmark_cli_forest_for_bo_hit_gp_for_the_rest(pool_csv, capsys):
+    from pipelines.cli import main
+
+    argv = ["bo-benchmark", "--pool", str(pool_csv), "--formula-column", "formula", "--target", "gap pbe"]
+    argv += ["--window", "0.5", "3.0", "--stable-column", "e_hull", "--stable-max", "0.1", "--hits", "2"]
+    argv += ["--seeds", "2", "--first-seed", "5", "--batch", "4", "--n-init", "6", "--budget", "60"]
+    argv += ["--methods", "bo-hit,bo,random", "--surrogate", "forest", "--oxidation", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_pool"] == 200 and report["n_skipped"] == 2 and report["n_hits_pool"] == 5
+    assert report["first_seed"] == 5 and report["settings"]["surrogate"] == "forest"
+    assert report["n_features"] > 90  # composition statistics + 11 oxidation-state features + 3 site codes
+    for method in ("bo-hit", "bo", "random"):  # bo ran on the GP: the forest is for bo-hit only
+        evals = report["methods"][method]["evaluations_to_target"]
+        assert len(evals) == 2 and all(e is None or 2 <= e <= 60 for e in evals)

@@ -140,3 +140,46 @@ def test_site_element_codes_for_a_categorical_kernel():
     assert np.array_equal(X[0, :n_comp], X[1, :n_comp])  # composition statistics cannot tell the swap apart
     with pytest.raises(FeatureError, match="flat formula"):
         site_elements("Ca(OH)2", 3)
+
+
+def test_oxidation_features_states_valence_and_icsd_frequency():
+    import math
+
+    from materials.features import (
+        UNSEEN_OXIDATION_LOG_PROB,
+        UNTABULATED_ELEMENT_LOG_PROB,
+        oxidation_feature_names,
+        oxidation_features,
+    )
+
+    la_fe = oxidation_features("LaFeO3", 3)
+    assert list(la_fe) == oxidation_feature_names(3)
+    # La3+ Fe3+ O2-: Fe3+ is d5 (group 8 - 3), La3+ has no valence electrons left, O2- a closed octet
+    assert [la_fe[f"site{k}_oxidation"] for k in range(3)] == [3.0, 3.0, -2.0]
+    assert [la_fe[f"site{k}_valence_left"] for k in range(3)] == [0.0, 5.0, 8.0]
+    assert la_fe["oxidation_balanced"] == 1.0
+    # the formula's log prob is the atom-weighted mean of the sites' (A, B, 3 O)
+    per_site = [la_fe[f"site{k}_oxidation_log_prob"] for k in range(3)]
+    assert la_fe["oxidation_log_prob"] == pytest.approx((per_site[0] + per_site[1] + 3 * per_site[2]) / 5)
+    assert all(-3.0 < v < 0.0 for v in per_site)  # common states: frequent in the ICSD
+    # Pb2+ keeps its 6s2 lone pair; Ti4+ is d0
+    pb_ti = oxidation_features("PbTiO3", 3)
+    assert (pb_ti["site0_valence_left"], pb_ti["site1_valence_left"]) == (2.0, 0.0)
+    # Fe3+ is far more common than Fe4+ (SrFeO3 needs Fe4+)
+    assert oxidation_features("SrFeO3", 3)["site1_oxidation_log_prob"] < la_fe["site1_oxidation_log_prob"] - 1.0
+    # no balanced assignment with known states: every site gets the 'unseen' values
+    unbalanced = oxidation_features("CsAuO3", 3)
+    assert unbalanced["oxidation_balanced"] == 0.0 and unbalanced["oxidation_log_prob"] == UNSEEN_OXIDATION_LOG_PROB
+    assert unbalanced["site1_valence_left"] == -1.0
+    # an element absent from the ICSD table (Np) gets the neutral value; positions past the formula the unseen ones
+    k_np = oxidation_features("KNpO3", 3)
+    assert k_np["site1_oxidation"] == 5.0 and k_np["site1_oxidation_log_prob"] == UNTABULATED_ELEMENT_LOG_PROB
+    nacl = oxidation_features("NaCl", 3)
+    assert (nacl["site2_oxidation"], nacl["site2_valence_left"]) == (0.0, -1.0)
+    assert all(math.isfinite(v) for v in nacl.values())
+    # in featurize_formulas they sit after the composition statistics and before the site element codes
+    X, names, failures, ok = featurize_formulas(["LaFeO3", "Ca(OH)2"], "sites", oxidation=True)
+    n_comp = len(composition_feature_names())
+    assert names[n_comp:] == oxidation_feature_names(3) + ["site0_element", "site1_element", "site2_element"]
+    assert X.shape == (1, len(names)) and X[0, names.index("site1_valence_left")] == 5.0
+    assert 1 in failures and "flat formula" in failures[1]

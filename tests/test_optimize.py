@@ -362,3 +362,32 @@ def test_bo_hit_with_site_codes_prefers_the_hit_element():
         settings=replace(settings, categorical_columns=(1,)),
     )
     assert "target_categorical_lengthscale_median" not in plain.model_info and len(plain.indices) == 5
+
+
+def test_forest_surrogate_finds_the_hit_element_and_is_seeded():
+    # hits are the code-26 rows; the forest splits on the code like on any number (a second feature, a function
+    # of the code, leaves it nothing else to split on: with 8 observations a random column separates them too)
+    codes = np.repeat([8.0, 22.0, 26.0, 40.0], 10)
+    X = np.column_stack([codes, codes % 7])
+    labels = {"gap": np.where(codes == 26.0, 1.5, 4.0), "e_hull": np.zeros(40)}
+    evaluated = [0, 1, 10, 11, 20, 21, 30, 31]
+    y = method_targets("bo-hit", PV, labels)[evaluated]
+    settings = AcquisitionSettings(surrogate="forest", forest_trees=50, forest_max_features=1.0)
+    first = propose_batch(X, evaluated, y, q=5, method="bo-hit", seed=3, objective=PV, settings=settings)
+    again = propose_batch(X, evaluated, y, q=5, method="bo-hit", seed=3, objective=PV, settings=settings)
+    assert set(first.indices) <= set(range(22, 30))
+    assert first.indices == again.indices and first.acquisition_values == again.acquisition_values
+    assert first.model_info["target_forest_trees"] == 50.0
+    # codes 8 and 22 (gap 4.0) are alike and sit at one end: every tree, whatever its bootstrap sample, predicts
+    # 4.0 there, so the spread is exactly the floor; on the hit rows some trees never saw a hit: more spread
+    from materials.optimize import forest_mean_std
+
+    mean, std = forest_mean_std(X[evaluated], y[:, 0], X[evaluated], settings, seed=0)
+    assert np.allclose(mean[:4], 4.0) and np.allclose(std[:4], settings.forest_min_std)
+    assert (std[4:6] > settings.forest_min_std + 0.1).all() and (mean[4:6] < 4.0).all()
+    with pytest.raises(OptimizationError, match="forest' is implemented for method 'bo-hit' only"):
+        propose_batch(X, evaluated, y[:, 0], q=2, method="bo", seed=0, settings=settings)
+    with pytest.raises(OptimizationError, match="surrogate 'svm' unknown"):
+        AcquisitionSettings(surrogate="svm")
+    with pytest.raises(OptimizationError, match="forest settings"):
+        AcquisitionSettings(surrogate="forest", forest_max_features=0.0)
