@@ -311,8 +311,7 @@ def site_element_columns(names: Sequence[str]) -> list[int]:
     return [j for j, name in enumerate(names) if re.fullmatch(r"site\d+_element", name)]
 
 
-#: Feature sets of :func:`featurize_formulas`.
-#: log10-free natural-log frequency given to an oxidation state an element is never seen in (ICSD counts).
+#: Natural-log frequency given to an oxidation state an element is never seen in (ICSD counts).
 UNSEEN_OXIDATION_LOG_PROB = -12.0
 #: ... and to every state of an element absent from the ICSD table (e.g. Ac, Np, Pu): a neutral, moderate value.
 UNTABULATED_ELEMENT_LOG_PROB = -2.0
@@ -403,6 +402,7 @@ def oxidation_features(formula: str, positions: int) -> dict[str, float]:
     return out
 
 
+#: Feature sets of :func:`featurize_formulas`.
 FEATURE_SETS = ("composition", "ordered", "both", "sites")
 #: Most written positions that get site-ordered features.
 MAX_ORDERED_POSITIONS = 4
