@@ -38,6 +38,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/screen_overhead.py
 	$(PY) benchmarks/perf_record.py
+	$(PY) benchmarks/stability_accuracy.py
 	$(PY) benchmarks/bo_perovskites.py
 	$(PY) benchmarks/dft_gaps.py
 	$(PY) benchmarks/bandgap_accuracy.py

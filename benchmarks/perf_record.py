@@ -13,11 +13,14 @@ Rows (goal in brackets):
                                 (``pipelines.screen.run_screen``, EMT, 2 workers) of 2,000 vs 200 candidates
                                 (<= 1.2: flat in the number of candidates; results stream into SQLite chunk by
                                 chunk, the driver never holds the relaxed structures)
+  stability, 10,000/1,000       formation energies -> signed hull distances for 10,000 candidates over 1,000
+                                chemical systems, candidates per second (>= 500), with the largest difference
+                                from the previous (full-scan) method on 100 systems -> benchmarks/hull_scale.py
 
 The memory screens run in child processes (a fresh driver each, peak RSS = VmHWM of that child; Ray
 workers are other processes and not counted). Their candidates are 2- and 4-atom ordered alloys of EMT's metals
 written as extxyz files (``--structures``), ``relax.max_steps`` 5 to keep them cheap (memory, not physics, is
-measured), scheme ``mp2020``.
+measured); EMT has energy convention ``self`` (elemental references relaxed with EMT).
 
 Usage::
 
@@ -111,7 +114,6 @@ def memory_child(n: int, workdir: Path) -> dict[str, Any]:
             "name": f"memory-{n}",
             "potential": {"name": "emt"},
             "relax": {"fmax": 0.05, "max_steps": MEMORY_MAX_STEPS},
-            "stability": {"scheme": "mp2020"},
             "ray": {"num_cpus": 2, "num_workers": 2, "chunk_size": 20, "max_in_flight_per_worker": 2},
             "tracking": {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "perf-record-memory"},
         }
@@ -143,6 +145,7 @@ def run_memory(n: int) -> dict[str, Any]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     throughput = _load("relax_throughput")
     overhead = _load("screen_overhead")
+    hull = _load("hull_scale")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -159,6 +162,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     log(f"driver peak RSS, EMT screens of {args.memory_small} and {args.memory_large} candidates ...")
     out["memory_small"] = run_memory(args.memory_small)
     out["memory_large"] = run_memory(args.memory_large)
+    log(f"stability step, {args.hull_systems * 10} candidates over {args.hull_systems} chemical systems ...")
+    out["stability"] = hull.measure(args.hull_systems, 10, max(1, args.hull_systems // 10))
     out["machine"] = {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -207,6 +212,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             f"({out['memory_large']['peak_rss_before_screen_mb']:.0f} MB before the screen); "
             f"{out['memory_large']['rows_in_sqlite']} rows in SQLite",
         ),
+        (
+            f"stability candidates/s, {out['stability']['candidates']} over {out['stability']['systems']} systems",
+            out["stability"]["candidates_per_s"],
+            ">=",
+            500.0,
+            f"previous method {out['stability']['previous_method_candidates_per_s']:.0f}/s; largest difference "
+            f"{out['stability']['max_abs_difference_screen_hull']:.0e} eV/atom",
+        ),
     ]
     out["table"] = [
         {"row": r, "ratio": v, "goal": f"{op} {g}", "met": (v >= g) if op == ">=" else (v <= g), "detail": d}
@@ -233,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", type=int, default=None, help="structures for the Ray rows (default 40)")
     parser.add_argument("--memory-small", type=int, default=None, help="candidates, small screen (default 200)")
     parser.add_argument("--memory-large", type=int, default=None, help="candidates, large screen (default 2000)")
+    parser.add_argument("--hull-systems", type=int, default=None, help="chemical systems, stability row (default 1000)")
     parser.add_argument("--json", type=Path, default=None, help="also write the full record as JSON here")
     parser.add_argument("--memory-child", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -245,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             result = memory_child(int(args.memory_child[0]), Path(args.memory_child[1]))
         print(json.dumps(result))
         return 0
-    defaults = (16, 10, 50, 500) if args.small else (64, 40, 200, 2000)
-    for name, value in zip(("cells", "structures", "memory_small", "memory_large"), defaults, strict=True):
+    defaults = (16, 10, 50, 500, 100) if args.small else (64, 40, 200, 2000, 1000)
+    names = ("cells", "structures", "memory_small", "memory_large", "hull_systems")
+    for name, value in zip(names, defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    sizes = argparse.Namespace(**{k: getattr(args, k) for k in ("cells", "structures", "memory_small", "memory_large")})
+    sizes = argparse.Namespace(**{k: getattr(args, k) for k in names})
     with contextlib.redirect_stdout(sys.stderr):
         out = measure(sizes)
     report(out)

@@ -49,7 +49,7 @@ DIRECT_GAP_TOLERANCE = 1e-3
 #: Elements whose reference is a molecular crystal: positions relaxed, cell kept at the Delta-test PBE volume.
 #: (A PBE cell relaxation of these has no real minimum to find and, with plane-wave Pulay stress, collapsed
 #: O2 and N2 crystals to ~4 Å^3/atom at 350 eV.)
-MOLECULAR_REFERENCES = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
+MOLECULAR_REFERENCES = stability.MOLECULAR_REFERENCES
 #: Version of how references are built (structures, what is relaxed); a cache of another version is recomputed.
 REFERENCE_RECIPE = 1
 #: A reference relaxation changing the volume by more than this fraction is rejected (collapse, blow-up).
@@ -651,27 +651,16 @@ def gap_from_eigenvalues(eigenvalues: np.ndarray, occupied: list[int]) -> tuple[
 
 
 def reference_structure(symbol: str) -> Structure:
-    """The elemental reference crystal for ``symbol``: the Delta-test structure (``ase.collections.dcdft``:
-    71 elements at their all-electron PBE equilibrium volumes, with the Delta test's magnetic orders: AFM O2
-    crystal, Cr and Mn, FM Fe, Co and Ni; molecular crystals for H, N, O, F, Cl, Br, I; α-Ga; graphite) reduced
-    to its primitive cell, else ASE's ``bulk(symbol)`` reference state.
+    """The elemental reference crystal for ``symbol`` (:func:`materials.stability.elemental_reference_structure`:
+    the Delta-test structure with its magnetic order, else ASE's ``bulk(symbol)``).
 
     Raises:
         DFTReferenceError: no structure is known for ``symbol``.
     """
-    from ase.build import bulk
-    from ase.collections import dcdft
-
-    if symbol in dcdft.names:
-        structure = AseAtomsAdaptor.get_structure(dcdft[symbol])
-        return structure.get_primitive_structure(use_site_props=True)
     try:
-        return AseAtomsAdaptor.get_structure(bulk(symbol))
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise DFTReferenceError(
-            f"no elemental reference structure for {symbol}: not in ase.collections.dcdft and "
-            f"ase.build.bulk fails ({exc})"
-        ) from exc
+        return stability.elemental_reference_structure(symbol)
+    except stability.StabilityError as exc:
+        raise DFTReferenceError(str(exc)) from exc
 
 
 def _reference_settings(structure: Structure, settings: DFTSettings) -> DFTSettings:
@@ -749,14 +738,15 @@ def elemental_references(
     symbols: Iterable[str], settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
 ) -> stability.EnergyReferences:
     """Reference energies μ (eV/atom) of ``symbols`` as :class:`materials.stability.EnergyReferences`
-    (scheme ``gpaw``), usable wherever the MLIP references are (formation energies, hulls).
+    (convention ``self``: raw PBE with references of the same settings), usable wherever the MLIP references are.
 
     Raises:
         DFTReferenceError: as :func:`elemental_reference_energy`.
     """
     settings = settings or DFTSettings()
     mu = {s: elemental_reference_energy(s, settings, cache_dir) for s in sorted(set(symbols))}
-    return stability.EnergyReferences(scheme="gpaw", potential=f"gpaw-{settings.xc}-{settings_hash(settings)}", mu=mu)
+    label = f"gpaw-{settings.xc}-{settings_hash(settings)}"
+    return stability.EnergyReferences(convention="self", potential=label, mu=mu, source="dft")
 
 
 def formation_energy_per_atom(

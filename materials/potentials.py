@@ -4,6 +4,9 @@
 model name that mace-torch downloads and caches, or a local ``.model`` file), and ``emt`` (ASE's effective
 medium theory, for fast tests of the machinery; not for semiconductors). mace is imported lazily: importing it
 sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the whole process.
+
+Every potential declares an energy convention (how its energies relate to Materials Project's; see
+:mod:`materials.stability`): CHGNet ``mp2020``, MACE ``uncorrected``, EMT ``self``, unless the spec says otherwise.
 """
 
 from __future__ import annotations
@@ -50,12 +53,26 @@ class PotentialSpec:
             for ``chgnet``: a CHGNet version (``0.3.0`` default) or a path to a checkpoint; unused for ``emt``.
         device: ``cpu`` or ``cuda`` (``cuda:N``).
         dtype: float precision for MACE (``float64`` for relaxations, ``float32`` is faster on GPU).
+        energy_convention: ``mp2020`` (energies already on the MP2020-corrected scale), ``uncorrected`` (raw
+            GGA/GGA+U energies: MP2020 corrections are added) or ``self`` (elemental references from the model
+            itself); None: the default of the model (:meth:`convention`).
     """
 
     name: Literal["chgnet", "mace", "emt"] = "chgnet"
     model: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float64"
+    energy_convention: Literal["mp2020", "uncorrected", "self"] | None = None
+
+    def convention(self) -> str:
+        """The energy convention: the declared one, else the model's default. CHGNet 0.2.0/0.3.0 (and CHGNet
+        checkpoints, usually fine-tuned from them) were trained on MPtrj's MP2020-corrected energies:
+        ``mp2020``. MACE-MP foundation models and other MPtrj-trained MACE files predict raw GGA/GGA+U energies:
+        ``uncorrected``. EMT's energies have no relation to MP's: ``self``. A MACE fine-tuned on this project's
+        DFT is declared ``self`` when the pipeline resolves it from the registry."""
+        if self.energy_convention is not None:
+            return self.energy_convention
+        return {"chgnet": "mp2020", "mace": "uncorrected", "emt": "self"}[self.name]
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``chgnet-0.3.0`` or ``mace-tiny_mace.model``."""
@@ -168,6 +185,17 @@ def _load_mace(spec: PotentialSpec) -> Calculator:
             f"python -c \"from mace.calculators import mace_mp; mace_mp(model='{model}')\" to cache it in "
             "~/.cache/mace, or download the .model file and set potential.model: /path/to/file.model"
         ) from exc
+
+
+def training_elements(spec: PotentialSpec, calculator: Calculator | None = None) -> frozenset[str]:
+    """Chemical symbols the potential was trained on, for coverage warnings: CHGNet's MPtrj (the 89 elements
+    of MP's elemental references; CHGNet runs on Z 1-94 but Po, At, Rn, Fr and Ra never occur in MPtrj);
+    otherwise what :func:`supported_elements` says."""
+    if spec.name == "chgnet":
+        from materials.stability import mp_elemental_energies
+
+        return frozenset(mp_elemental_energies())
+    return supported_elements(spec, calculator)
 
 
 def supported_elements(spec: PotentialSpec, calculator: Calculator | None = None) -> frozenset[str]:

@@ -234,9 +234,9 @@ def _read_packaged_csv(name: str) -> list[dict[str, str]]:
 
 @lru_cache(maxsize=1)
 def mp_formation_energies() -> Mapping[str, tuple[str, float]]:
-    """MP id -> (formula as stored, formation energy eV/atom), read-only, from the shipped table read by
-    ``materials.stability.ReferenceTable`` (the one reader of that file). Read once per process: it is
-    immutable package data and ranks polymorphs in every shipped set."""
+    """MP id -> (formula as stored, formation energy eV/atom on the MP2020 scale), read-only, from the shipped
+    table read by ``materials.stability.ReferenceTable`` (the one reader of that file). Read once per process:
+    it is immutable package data and ranks polymorphs in every shipped set."""
     from materials.stability import ReferenceTable
 
     table = {row.material_id: (row.formula, row.e_form_per_atom) for row in ReferenceTable.load().rows}
@@ -307,7 +307,10 @@ def _mp(prop: str) -> ReferenceSet:
             ReferenceRow(mid, reduced_formula(formula), value, None, "PBE", MP_CITATION, mid, None, value)
             for mid, (formula, value) in table.items()
         ]
-        notes = ["MP correction scheme of ~2018-2019; ground-state (lowest-energy) polymorph used per formula"]
+        notes = [
+            "MP2020 correction scheme (legacy ~2018-2019 rows converted; materials/data/README.md); "
+            "ground-state (lowest-energy) polymorph used per formula"
+        ]
     else:
         rows = []
         for rec in _read_packaged_csv(MP_GAPS_FILE):

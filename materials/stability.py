@@ -1,142 +1,529 @@
-"""Formation energies and energies above the convex hull on the Materials Project scale.
+"""Formation energies and signed distances to the convex hull, on the Materials Project 2020 scale.
 
-Two ways to turn an MLIP total energy into a formation energy comparable with the reference table
-(``mp_formation_energies.csv.gz``, MP's ~2018-2019 correction scheme):
+One scale for everything a scientist compares: MP's energies with the MP2020 corrections
+(pymatgen's ``MaterialsProject2020Compatibility``) minus MP's 2023 elemental reference energies. This is
+Matbench Discovery's recipe. How a potential's energies reach that scale is its *energy convention*:
 
-* ``mp2020``: the MLIP energy is treated as an uncorrected MP GGA(+U) energy, pymatgen's
-  MaterialsProject2020Compatibility corrections are applied (anion and GGA/GGA+U mixing), and MP's 2023
-  elemental reference entries are subtracted. Needs no calibration; inherits the vintage mismatch between
-  the table and today's MP.
-* ``fitted`` (default): per-element reference energies mu_el (eV/atom) are fitted for the chosen potential so
-  that well-known ground-state compounds, built from prototypes and relaxed with that same potential, reproduce
-  the table's formation energies (ridge regression toward the mp2020-scheme values). The fit's leave-one-out
-  error is recorded with the scheme.
+* ``mp2020``: already on the MP2020-corrected scale (CHGNet 0.2.0/0.3.0, trained on MPtrj's corrected
+  energies). Nothing is added: E_form = (E - sum_el n_el mu_el^MP) / N.
+* ``uncorrected``: raw GGA/GGA+U energies (MACE-MP foundation models, SevenNet and most MPtrj models). The
+  MP2020 correction of the composition is added exactly once before the MP elemental energies are subtracted.
+* ``self``: a model trained on this project's own DFT (a fine-tuned MACE) or any model whose absolute energies
+  are not MP's (EMT). Elemental references come from the same model: the elemental crystals
+  (:func:`elemental_reference_structure`) relaxed with it (:func:`model_elemental_references`).
 
-Energies above hull are distances to a hull built from the table's entries of the candidate's chemical system
-plus all screened candidates (elements at 0 eV/atom).
+The reference hull is the shipped MP formation-energy table, put on the MP2020 scale row by row
+(:func:`mp2020_from_legacy`; provenance and the measurement behind it in ``materials/data/README.md``), plus the
+elements at 0 eV/atom. :func:`hull_distances` gives each screened structure two numbers, eV/atom:
+
+* ``e_above_hull``: signed distance to the reference hull (table + elements). Negative when the structure lies
+  below every known phase; below :data:`BELOW_HULL_WARNING` the row carries a warning (most often a model
+  error, sometimes a discovery).
+* ``e_above_hull_screen``: distance to the hull that also holds this screen's structures (>= 0).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
+import itertools
 import json
 import math
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-from pymatgen.core import Composition, Element
+from pymatgen.core import Composition, Element, Structure
 from pymatgen.entries.computed_entries import ComputedEntry
 
-#: Hubbard U (eV) that MP applies to these metals in oxides and fluorides (MPRelaxSet); decides GGA vs GGA+U.
-MP_HUBBARD_U = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}
+EnergyConvention = Literal["mp2020", "uncorrected", "self"]
+#: The energy conventions a potential can declare (see the module docstring).
+ENERGY_CONVENTIONS: tuple[str, ...] = ("mp2020", "uncorrected", "self")
+#: A structure this far below the reference hull (eV/atom) gets a warning: most often a model error.
+BELOW_HULL_WARNING = -0.1
+#: The shipped reference table, on the MP2020 scale (``scripts/convert_reference_table.py`` writes it).
+REFERENCE_TABLE_FILE = "mp_formation_energies_mp2020.csv.gz"
+#: Elements whose elemental reference is a molecular crystal: relax positions only, never the cell.
+MOLECULAR_REFERENCES = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
 
-#: Well-known ground states used to calibrate elemental reference energies: (prototype, species).
-#: Each is the lowest-energy polymorph of its formula in Materials Project (or within a few meV/atom of it).
-CALIBRATION_COMPOUNDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("zincblende", ("Al", "P")),
-    ("zincblende", ("Al", "As")),
-    ("zincblende", ("Al", "Sb")),
-    ("zincblende", ("Ga", "P")),
-    ("zincblende", ("Ga", "As")),
-    ("zincblende", ("Ga", "Sb")),
-    ("zincblende", ("In", "P")),
-    ("zincblende", ("In", "As")),
-    ("zincblende", ("In", "Sb")),
-    ("zincblende", ("Zn", "S")),
-    ("zincblende", ("Zn", "Se")),
-    ("zincblende", ("Zn", "Te")),
-    ("zincblende", ("Cd", "Te")),
-    ("zincblende", ("Cu", "Cl")),
-    ("zincblende", ("Cu", "I")),
-    ("zincblende", ("Si", "C")),
-    ("wurtzite", ("Al", "N")),
-    ("wurtzite", ("Ga", "N")),
-    ("wurtzite", ("In", "N")),
-    ("wurtzite", ("Zn", "O")),
-    ("wurtzite", ("Cd", "S")),
-    ("wurtzite", ("Cd", "Se")),
-    ("wurtzite", ("Be", "O")),
-    ("rocksalt", ("Mg", "O")),
-    ("rocksalt", ("Ca", "O")),
-    ("rocksalt", ("Sr", "O")),
-    ("rocksalt", ("Ba", "O")),
-    ("rocksalt", ("Cd", "O")),
-    ("rocksalt", ("Li", "F")),
-    ("rocksalt", ("Na", "Cl")),
-    ("rocksalt", ("K", "Cl")),
-    ("rocksalt", ("Pb", "S")),
-    ("rocksalt", ("Pb", "Te")),
-    ("rocksalt", ("Mg", "Se")),
-    ("rocksalt", ("Ca", "S")),
-    ("chalcopyrite", ("Cu", "In", "Se")),
-    ("chalcopyrite", ("Cu", "Ga", "Se")),
-    ("chalcopyrite", ("Cu", "In", "S")),
-    ("chalcopyrite", ("Cu", "Ga", "S")),
-    ("chalcopyrite", ("Cu", "Al", "S")),
-    ("chalcopyrite", ("Ag", "Ga", "S")),
-    ("chalcopyrite", ("Ag", "In", "Se")),
-    ("chalcopyrite", ("Zn", "Ge", "P")),
-    ("perovskite", ("Sr", "Ti", "O")),
-    ("perovskite", ("Ba", "Zr", "O")),
-    ("perovskite", ("Ba", "Sn", "O")),
-    ("spinel", ("Mg", "Al", "O")),
-    ("spinel", ("Zn", "Al", "O")),
-    ("spinel", ("Zn", "Ga", "O")),
-)
 
 _ELEMENT_RE = re.compile(r"[A-Z][a-z]?")
+
+
+class StabilityError(ValueError):
+    """Energies cannot be put on the reference scale; the message names the item and the fix."""
 
 
 def _data_path(name: str):
     return resources.files("materials.data").joinpath(name)
 
 
-def mp_elemental_energies() -> dict[str, float]:
-    """MP 2023 lowest-energy elemental phases: element -> uncorrected GGA energy, eV/atom."""
+# ------------------------------------------------------------------------------------------ energy references
+
+
+@functools.cache
+def mp_elemental_energies() -> Mapping[str, float]:
+    """MP 2023 lowest-energy elemental phases: element -> uncorrected GGA energy, eV/atom (89 elements, the
+    MPtrj coverage). Elements carry no MP2020 correction, so these serve both ``mp2020`` and ``uncorrected``."""
     with _data_path("mp_elemental_reference_entries.json.gz").open("rb") as raw:
         data = json.loads(gzip.decompress(raw.read()))
-    out = {}
-    for symbol, entry in data.items():
-        comp = Composition(entry["composition"])
-        out[symbol] = float(entry["energy"]) / comp.num_atoms
-    return out
+    return {
+        symbol: float(entry["energy"]) / Composition(entry["composition"]).num_atoms for symbol, entry in data.items()
+    }
+
+
+@dataclass
+class EnergyReferences:
+    """How a potential's total energies become formation energies.
+
+    Attributes:
+        convention: ``mp2020`` | ``uncorrected`` | ``self`` (module docstring); ``gpaw`` for raw DFT references.
+        potential: label of the potential (or DFT settings) the energies come from.
+        mu: elemental reference energies, eV/atom, on the convention's scale.
+        source: where ``mu`` comes from: ``mp-2023`` (MP's elemental entries) or ``model`` (relaxed with it).
+        missing: element -> why it has no reference (``self`` references that could not be computed).
+        offsets: optional fitted per-element offsets delta_el (eV/atom of that element), subtracted as
+            sum_el x_el delta_el from E_form (:func:`fit_element_offsets`); empty for the plain recipe.
+        calibration: how the offsets were fitted and how well they do on held-out elements.
+    """
+
+    convention: str
+    potential: str
+    mu: dict[str, float]
+    source: str = "mp-2023"
+    missing: dict[str, str] = field(default_factory=dict)
+    offsets: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def applies_mp2020(self) -> bool:
+        """True when the MP2020 correction is added to the potential's energies (``uncorrected``)."""
+        return self.convention == "uncorrected"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnergyReferences:
+        return cls(**dict(data))
+
+
+def mp_references(convention: str, potential: str) -> EnergyReferences:
+    """References for a potential on MP's scale (``mp2020`` or ``uncorrected``): MP 2023 elemental energies.
+
+    Raises:
+        StabilityError: ``convention`` is ``self`` (its references come from the model) or unknown.
+    """
+    if convention not in ("mp2020", "uncorrected"):
+        raise StabilityError(
+            f"energy convention {convention!r} has no MP elemental references: use model_elemental_references "
+            "for 'self', or one of 'mp2020', 'uncorrected'"
+        )
+    return EnergyReferences(convention=convention, potential=potential, mu=dict(mp_elemental_energies()))
+
+
+@functools.cache
+def _mp_run_settings() -> tuple[Mapping[str, float], Mapping[str, str]]:
+    """MP's Hubbard U values for oxides/fluorides (eV) and POTCAR names, from pymatgen's ``MPRelaxSet``."""
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    config = MPRelaxSet.CONFIG
+    return config["INCAR"]["LDAUU"]["O"], config["POTCAR"]
+
+
+def _mp_computed_entry(composition: Composition, energy: float) -> ComputedEntry:
+    """A ComputedEntry carrying the run parameters MP would have used (GGA+U for oxides/fluorides of the U
+    metals), so pymatgen's compatibility classes accept it and pick the right corrections."""
+    hubbard_u, potcars = _mp_run_settings()
+    symbols = sorted(el.symbol for el in composition.elements)
+    is_u = bool({"O", "F"} & set(symbols)) and bool(set(symbols) & hubbard_u.keys())
+    titles = [f"PAW_PBE {potcars.get(s, s)}" for s in symbols]
+    params = {
+        "run_type": "GGA+U" if is_u else "GGA",
+        "is_hubbard": is_u,
+        "hubbards": {s: hubbard_u.get(s, 0.0) for s in symbols} if is_u else {},
+        "potcar_symbols": titles,
+        "potcar_spec": [{"titel": t, "hash": None} for t in titles],
+    }
+    return ComputedEntry(composition, energy, parameters=params)
+
+
+def _correction(compatibility, composition: Composition | str, energy: float, scheme: str) -> float:
+    comp = Composition(composition)
+    with warnings.catch_warnings():  # "no structure: peroxides detected by formula" and oxidation-guess notes
+        warnings.simplefilter("ignore")
+        processed = compatibility.process_entry(_mp_computed_entry(comp, energy))
+    if processed is None:
+        raise StabilityError(f"{comp.reduced_formula}: pymatgen's {scheme} compatibility rejected the entry")
+    return float(processed.correction)
+
+
+@functools.cache
+def _mp2020_compatibility():
+    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
+
+    return MaterialsProject2020Compatibility(check_potcar=False)
+
+
+@functools.cache
+def _legacy_compatibility():
+    from pymatgen.entries.compatibility import MaterialsProjectCompatibility
+
+    with warnings.catch_warnings():  # deprecated for new data; used here only to undo it on legacy rows
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return MaterialsProjectCompatibility(check_potcar_hash=False)
+
+
+@functools.lru_cache(maxsize=65536)
+def _per_formula_unit(formula: str, scheme: str) -> float:
+    compatibility = _mp2020_compatibility() if scheme == "MP2020" else _legacy_compatibility()
+    return _correction(compatibility, formula, -1.0, scheme)
+
+
+def _scaled(composition: Composition | str, scheme: str) -> float:
+    comp = Composition(composition)
+    formula, units = comp.get_reduced_formula_and_factor()
+    return _per_formula_unit(formula, scheme) * units
+
+
+def mp2020_correction(composition: Composition | str, energy: float = 0.0) -> float:
+    """MP2020 energy correction (eV, total) of an uncorrected GGA/GGA+U energy of ``composition``: anion
+    corrections and, for oxides/fluorides of V, Cr, Mn, Fe, Co, Ni, Mo and W, the GGA/GGA+U mixing correction.
+    Depends on the composition only (peroxides and superoxides are recognised by formula), so it is computed
+    once per reduced formula; ``energy`` is accepted for the signature's sake."""
+    return _scaled(composition, "MP2020")
+
+
+def legacy_mp_correction(composition: Composition | str, energy: float = 0.0) -> float:
+    """MP's pre-2020 correction (eV, total; pymatgen's ``MaterialsProjectCompatibility``): oxide and sulfide
+    anion corrections and older U corrections; no Br, I, Se, Te, N, F, Cl, H or Sb corrections (N, F, Cl and H
+    were corrected through fitted elemental energies instead: :func:`legacy_gas_references`)."""
+    return _scaled(composition, "legacy MP")
+
+
+@functools.cache
+def legacy_gas_references() -> Mapping[str, float]:
+    """Fitted elemental energies (eV/atom) the legacy scheme used for N, F, Cl and H in place of the computed
+    diatomic molecules (``MPCompatibility.yaml``, ``CompoundEnergies``)."""
+    from monty.serialization import loadfn
+    from pymatgen.analysis import compatibility
+
+    config = loadfn(resources.files(compatibility).joinpath("MPCompatibility.yaml"))
+    energies = config["Advanced"]["CompoundEnergies"]
+    return {Composition(name).elements[0].symbol: float(value) for name, value in energies.items()}
+
+
+def mp2020_from_legacy(composition: Composition | str, e_form_legacy: float) -> float:
+    """A formation energy (eV/atom) of MP's pre-2020 scheme put on the MP2020 scale.
+
+    E_form(MP2020) = E_form(legacy) + [C_2020 - C_legacy] / N + sum_el x_el (mu_el^legacy - mu_el^2023), with C
+    the two schemes' compound corrections (pymatgen's two compatibility classes) and mu^legacy the fitted gas
+    references of N, F, Cl, H (other elements: the MP 2023 energies, i.e. no term). Leaving out the gas term is
+    what made a blanket shift put LiF 0.23 eV/atom too low.
+
+    Raises:
+        StabilityError: a compatibility class rejects the composition.
+    """
+    comp = Composition(composition)
+    n = comp.num_atoms
+    delta = (mp2020_correction(comp) - legacy_mp_correction(comp)) / n
+    if len(comp) > 1:
+        mu = mp_elemental_energies()
+        for symbol, value in legacy_gas_references().items():
+            amount = comp[Element(symbol)]
+            if amount:
+                delta += amount * (value - mu[symbol]) / n
+    return e_form_legacy + delta
+
+
+def formation_energy_per_atom(composition: Composition | str, energy: float, refs: EnergyReferences) -> float:
+    """E_form (eV/atom) of a total energy ``energy`` (eV) of ``composition``: the MP2020 correction is added
+    when ``refs.convention`` is ``uncorrected`` (and only then), then the elemental references (plus any fitted
+    offsets) subtracted.
+
+    Raises:
+        KeyError: an element has no reference energy (message names it and the convention).
+    """
+    comp = Composition(composition)
+    missing = [el.symbol for el in comp.elements if el.symbol not in refs.mu]
+    if missing:
+        raise KeyError(f"no reference energy for {', '.join(missing)} under convention {refs.convention!r}")
+    total = energy + (mp2020_correction(comp, energy) if refs.applies_mp2020 and len(comp) > 1 else 0.0)
+    ref = sum(amount * (refs.mu[el.symbol] + refs.offsets.get(el.symbol, 0.0)) for el, amount in comp.items())
+    return (total - ref) / comp.num_atoms
+
+
+# ------------------------------------------------------------------------------------- the model's own elements
+
+
+def elemental_reference_structure(symbol: str) -> Structure:
+    """The elemental reference crystal for ``symbol``: the Delta-test structure (``ase.collections.dcdft``:
+    71 elements at their all-electron PBE equilibrium volumes, with the Delta test's magnetic orders: AFM O2
+    crystal, Cr and Mn, FM Fe, Co and Ni; molecular crystals for H, N, O, F, Cl, Br, I; α-Ga; graphite) reduced
+    to its primitive cell, else ASE's ``bulk(symbol)`` reference state.
+
+    Raises:
+        StabilityError: no structure is known for ``symbol``.
+    """
+    from ase.build import bulk
+    from ase.collections import dcdft
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if symbol in dcdft.names:
+        structure = AseAtomsAdaptor.get_structure(dcdft[symbol])
+        return structure.get_primitive_structure(use_site_props=True)
+    try:
+        return AseAtomsAdaptor.get_structure(bulk(symbol))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise StabilityError(
+            f"no elemental reference structure for {symbol}: not in ase.collections.dcdft and "
+            f"ase.build.bulk fails ({exc})"
+        ) from exc
+
+
+def model_elemental_references(
+    calculator, symbols: Iterable[str], potential: str, relax_settings=None
+) -> EnergyReferences:
+    """``self`` references: each element's reference crystal (:func:`elemental_reference_structure`) relaxed with
+    ``calculator`` (cell and positions; positions only for the molecular crystals). An element whose structure is
+    unknown or whose relaxation fails is listed in ``missing`` with the reason, never given a made-up value."""
+    from materials.relax import RelaxSettings, relax_structure
+
+    settings = relax_settings or RelaxSettings(fmax=0.02, max_steps=400)
+    mu: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for symbol in sorted(set(symbols)):
+        try:
+            structure = elemental_reference_structure(symbol)
+        except StabilityError as exc:
+            missing[symbol] = str(exc)
+            continue
+        if symbol in MOLECULAR_REFERENCES:
+            run = RelaxSettings(**{**asdict(settings), "relax_cell": False, "batched": False})
+        else:
+            run = RelaxSettings(**{**asdict(settings), "batched": False})
+        result = relax_structure(structure, calculator, run, item_id=f"reference-{symbol}")
+        if result.status != "ok":
+            missing[symbol] = f"relaxation of the {symbol} reference crystal failed: {result.failure_reason}"
+            continue
+        mu[symbol] = float(result.energy_per_atom)
+    return EnergyReferences(convention="self", potential=potential, mu=mu, source="model", missing=missing)
+
+
+# ----------------------------------------------------------------------------------- fitted offsets (opt-in)
+
+#: Known ground states (the lowest MP polymorph of their formula) built from prototypes: (prototype, species,
+#: anion class). ``fluorite:a`` and ``cesiumchloride:a`` are ASE ``bulk`` structures with lattice constant a (Å).
+#: Every anion class and the U-metal oxides are present; benchmarks/stability_accuracy.py measures on them.
+GROUND_STATES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("rocksalt", ("Mg", "O"), "oxide"),
+    ("wurtzite", ("Zn", "O"), "oxide"),
+    ("rocksalt", ("Ca", "O"), "oxide"),
+    ("wurtzite", ("Be", "O"), "oxide"),
+    ("perovskite", ("Sr", "Ti", "O"), "oxide"),
+    ("spinel", ("Mg", "Al", "O"), "oxide"),
+    ("rocksalt", ("Mn", "O"), "oxide+U"),
+    ("rocksalt", ("Fe", "O"), "oxide+U"),
+    ("rocksalt", ("Co", "O"), "oxide+U"),
+    ("rocksalt", ("Ni", "O"), "oxide+U"),
+    ("rocksalt", ("Li", "F"), "fluoride"),
+    ("rocksalt", ("Na", "F"), "fluoride"),
+    ("fluorite:5.46", ("Ca", "F"), "fluoride"),
+    ("rocksalt", ("Na", "Cl"), "chloride"),
+    ("rocksalt", ("K", "Cl"), "chloride"),
+    ("zincblende", ("Cu", "Cl"), "chloride"),
+    ("cesiumchloride:4.12", ("Cs", "Cl"), "chloride"),
+    ("rocksalt", ("Na", "Br"), "bromide"),
+    ("rocksalt", ("K", "Br"), "bromide"),
+    ("zincblende", ("Cu", "Br"), "bromide"),
+    ("cesiumchloride:4.29", ("Cs", "Br"), "bromide"),
+    ("rocksalt", ("Na", "I"), "iodide"),
+    ("rocksalt", ("K", "I"), "iodide"),
+    ("zincblende", ("Cu", "I"), "iodide"),
+    ("cesiumchloride:4.57", ("Cs", "I"), "iodide"),
+    ("zincblende", ("Zn", "S"), "sulfide"),
+    ("wurtzite", ("Cd", "S"), "sulfide"),
+    ("rocksalt", ("Pb", "S"), "sulfide"),
+    ("rocksalt", ("Ca", "S"), "sulfide"),
+    ("chalcopyrite", ("Cu", "Ga", "S"), "sulfide"),
+    ("zincblende", ("Zn", "Se"), "selenide"),
+    ("wurtzite", ("Cd", "Se"), "selenide"),
+    ("rocksalt", ("Pb", "Se"), "selenide"),
+    ("chalcopyrite", ("Cu", "In", "Se"), "selenide"),
+    ("zincblende", ("Zn", "Te"), "telluride"),
+    ("zincblende", ("Cd", "Te"), "telluride"),
+    ("rocksalt", ("Pb", "Te"), "telluride"),
+    ("wurtzite", ("Ga", "N"), "nitride"),
+    ("wurtzite", ("Al", "N"), "nitride"),
+    ("rocksalt", ("Sc", "N"), "nitride"),
+    ("rocksalt", ("Ti", "N"), "nitride"),
+    ("zincblende", ("Ga", "P"), "pnictide"),
+    ("zincblende", ("In", "P"), "pnictide"),
+    ("zincblende", ("Ga", "As"), "pnictide"),
+    ("zincblende", ("In", "As"), "pnictide"),
+    ("zincblende", ("Al", "Sb"), "pnictide"),
+    ("zincblende", ("In", "Sb"), "pnictide"),
+    ("rocksalt", ("Li", "H"), "hydride"),
+    ("rocksalt", ("Na", "H"), "hydride"),
+    ("zincblende", ("Si", "C"), "carbide"),
+)
+
+
+def build_ground_state(prototype: str, species: Sequence[str]) -> Structure:
+    """The structure of a :data:`GROUND_STATES` entry (prototype cells scaled to a covalent volume estimate)."""
+    from materials.candidates import build_prototype
+
+    if ":" in prototype:
+        from ase.build import bulk
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        name, a = prototype.split(":")
+        formula = "".join(species) + ("2" if name == "fluorite" else "")
+        return AseAtomsAdaptor.get_structure(bulk(formula, name, a=float(a)))
+    return build_prototype(prototype, species)
+
+
+def fit_element_offsets(
+    points: Sequence[tuple[Composition, float]], ridge: float = 1e-3
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-element offsets delta (eV/atom of the element) with sum_el x_el delta_el ~ residual, where residual =
+    E_form(plain recipe) - E_form(reference) of each point; ridge toward 0, so an element seen rarely moves little
+    and an element never seen keeps the plain recipe.
+
+    Returns the offsets and the calibration record: in-sample MAE, the plain MAE, and the leave-one-element-out
+    MAE (each compound predicted, for each of its elements X, by a fit that never saw X; averaged over its
+    elements) beside the plain MAE on the same compounds: the figure to quote.
+    """
+    import numpy as np
+
+    if not points:
+        raise StabilityError("fit_element_offsets needs at least one (composition, residual) point")
+    elements = sorted({el.symbol for comp, _ in points for el in comp.elements})
+    x = np.array([[comp.get_atomic_fraction(Element(el)) for el in elements] for comp, _ in points])
+    y = np.array([residual for _, residual in points])
+
+    def fit(rows: np.ndarray) -> np.ndarray:
+        a = x[rows].T @ x[rows] + ridge * np.eye(len(elements))
+        return np.linalg.solve(a, x[rows].T @ y[rows])
+
+    everything = np.arange(len(points))
+    delta = fit(everything)
+    held: list[list[float]] = [[] for _ in everything]
+    for j in range(len(elements)):
+        has = x[:, j] > 0
+        if has.all():
+            continue
+        without = fit(everything[~has])
+        for k in everything[has]:
+            held[k].append(float(y[k] - x[k] @ without))
+    predicted = [k for k in everything if held[k]]
+    calibration = {
+        "n_points": len(points),
+        "ridge": ridge,
+        "mae_plain": float(np.mean(np.abs(y))),
+        "mae_in_sample": float(np.mean(np.abs(y - x @ delta))),
+        "mae_leave_one_element_out": float(np.mean([abs(np.mean(held[k])) for k in predicted])),
+        "mae_plain_same_compounds": float(np.mean(np.abs(y[predicted]))),
+        "fitted_elements": elements,
+    }
+    return {el: float(delta[j]) for j, el in enumerate(elements)}, calibration
+
+
+def calibrate_element_offsets(
+    calculator, refs: EnergyReferences, table: ReferenceTable, supported: Iterable[str] | None = None, ridge=1e-3
+) -> EnergyReferences:
+    """Relax :data:`GROUND_STATES` with ``calculator`` (ASE, fmax 0.02 eV/Å) and fit offsets on top of ``refs``
+    (:func:`fit_element_offsets`). Compounds with elements outside ``supported`` or failing to relax are skipped
+    and listed in ``calibration["skipped"]``."""
+    from materials.relax import RelaxSettings, relax_structure
+
+    settings = RelaxSettings(fmax=0.02, max_steps=400)
+    allowed = set(supported) if supported is not None else None
+    points, skipped = [], []
+    plain = replace(refs, offsets={}, calibration={})
+    for prototype, species, _ in GROUND_STATES:
+        structure = build_ground_state(prototype, species)
+        comp = Composition(structure.composition.reduced_formula)
+        target = table.lowest_formation_energy(comp.reduced_formula)
+        if (allowed is not None and not set(species) <= allowed) or target is None:
+            skipped.append(f"{comp.reduced_formula}: outside the potential's elements or the table")
+            continue
+        result = relax_structure(structure, calculator, settings, item_id=f"offsets-{comp.reduced_formula}")
+        if result.status != "ok":
+            skipped.append(f"{comp.reduced_formula}: relaxation failed ({result.failure_reason})")
+            continue
+        e_form = formation_energy_per_atom(comp, result.energy_per_atom * comp.num_atoms, plain)
+        points.append((comp, e_form - target))
+    if not points:
+        raise StabilityError(f"no ground state could be used to fit offsets for {refs.potential}: {skipped}")
+    offsets, calibration = fit_element_offsets(points, ridge)
+    calibration["skipped"] = skipped
+    return replace(plain, offsets=offsets, calibration=calibration)
+
+
+def shipped_element_offsets(weights_hash: str) -> EnergyReferences | None:
+    """Offsets shipped in the package for a potential's weights hash (``element_offsets_<hash>.json``), or None."""
+    path = _data_path(f"element_offsets_{weights_hash}.json")
+    if not path.is_file():
+        return None
+    return EnergyReferences.from_dict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- reference hull
 
 
 @dataclass(frozen=True)
 class ReferenceRow:
+    """One row of the MP table: formation energy on the MP2020 scale and, for the record, the legacy value."""
+
     material_id: str
     formula: str
     e_form_per_atom: float
     elements: frozenset[str]
+    e_form_legacy: float = math.nan
 
 
 class ReferenceTable:
-    """The MP formation-energy table (read once; query by chemical system). Energies in eV/atom."""
+    """The MP formation-energy table on the MP2020 scale, eV/atom (read once; indexed by chemical system).
+
+    Only the lowest row of each formula can be on a hull, so the hull uses those; ``rows`` keeps every row.
+    """
 
     def __init__(self, rows: Sequence[ReferenceRow]):
         self.rows = list(rows)
         self._by_formula: dict[str, list[ReferenceRow]] = defaultdict(list)
         for row in self.rows:
             self._by_formula[row.formula].append(row)
+        # the lowest row of each compound formula, by its exact chemical system; PDEntries made on first use
+        self._by_system: dict[frozenset[str], list[ReferenceRow]] = defaultdict(list)
+        for group in self._by_formula.values():
+            best = min(group, key=lambda r: r.e_form_per_atom)
+            if len(best.elements) > 1:
+                self._by_system[best.elements].append(best)
+        self._entries: dict[frozenset[str], list[PDEntry]] = {}
+        self._diagrams: dict[frozenset[str], PhaseDiagram] = {}
 
     @classmethod
+    @functools.cache
     def load(cls) -> ReferenceTable:
+        """The shipped table (cached: one read per process)."""
         rows = []
-        with _data_path("mp_formation_energies.csv.gz").open("rb") as raw:
+        with _data_path(REFERENCE_TABLE_FILE).open("rb") as raw:
             text = gzip.decompress(raw.read()).decode()
         for rec in csv.DictReader(text.splitlines()):
             value = float(rec["formation_energy_per_atom"])
             if not math.isfinite(value):
                 continue
             formula = rec["formula"]
-            rows.append(ReferenceRow(rec["material_id"], formula, value, frozenset(_ELEMENT_RE.findall(formula))))
+            elements = frozenset(_ELEMENT_RE.findall(formula))  # reduced formulas: no groups, no charges
+            legacy = float(rec.get("formation_energy_per_atom_legacy") or "nan")
+            rows.append(ReferenceRow(rec["material_id"], formula, value, elements, legacy))
         return cls(rows)
 
     def __len__(self) -> int:
@@ -148,232 +535,167 @@ class ReferenceTable:
         return min(r.e_form_per_atom for r in rows) if rows else None
 
     def entries_within(self, elements: Iterable[str]) -> list[PDEntry]:
-        """PDEntries (formation energy x atoms, eV) of every table row made only of ``elements``."""
-        allowed = frozenset(elements)
-        entries = []
-        for row in self.rows:
-            if row.elements <= allowed and len(row.elements) > 1:
-                comp = Composition(row.formula)
-                entries.append(PDEntry(comp, row.e_form_per_atom * comp.num_atoms, name=row.material_id))
-        return entries
+        """PDEntries (formation energy x atoms, eV) of the lowest row of every formula made only of
+        ``elements`` (compounds; the elements themselves are not included)."""
+        allowed = sorted(set(elements))
+        return [
+            entry
+            for size in range(2, len(allowed) + 1)
+            for subset in itertools.combinations(allowed, size)
+            for entry in self._compounds_of(frozenset(subset))
+        ]
 
+    def _compounds_of(self, system: frozenset[str]) -> list[PDEntry]:
+        """PDEntries of the lowest row of each formula whose chemical system is exactly ``system``."""
+        if system not in self._entries:
+            self._entries[system] = [
+                PDEntry(comp, row.e_form_per_atom * comp.num_atoms, name=row.material_id)
+                for row in self._by_system.get(system, ())
+                for comp in (Composition(row.formula),)
+            ]
+        return self._entries[system]
 
-@dataclass
-class EnergyReferences:
-    """How MLIP energies become formation energies: the scheme, per-element reference energies mu (eV/atom),
-    and the fit's quality. ``as_dict``/``from_dict`` round-trip; log it with every run."""
-
-    scheme: str
-    potential: str
-    mu: dict[str, float]
-    apply_mp2020: bool = False
-    calibration: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EnergyReferences:
-        return cls(**dict(data))
-
-
-def mp2020_correction(composition: Composition | str, energy: float) -> float:
-    """MP2020 energy correction (eV, total) for an uncorrected GGA/GGA+U energy of ``composition``."""
-    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
-
-    comp = Composition(composition)
-    symbols = {el.symbol for el in comp.elements}
-    is_u = bool(symbols & {"O", "F"}) and bool(symbols & MP_HUBBARD_U.keys())
-    params = {
-        "run_type": "GGA+U" if is_u else "GGA",
-        "is_hubbard": is_u,
-        "hubbards": {el: MP_HUBBARD_U.get(el, 0.0) for el in symbols} if is_u else {},
-        "potcar_spec": [],
-    }
-    entry = ComputedEntry(comp, energy, parameters=params)
-    processed = MaterialsProject2020Compatibility(check_potcar=False).process_entry(entry)
-    if processed is None:
-        raise ValueError(f"{comp.reduced_formula}: MP2020 compatibility rejected the entry")
-    return float(processed.correction)
-
-
-def mp2020_references(potential: str) -> EnergyReferences:
-    """The uncalibrated scheme: MP2020 corrections + MP 2023 elemental reference energies."""
-    return EnergyReferences(scheme="mp2020", potential=potential, mu=mp_elemental_energies(), apply_mp2020=True)
-
-
-def formation_energy_per_atom(composition: Composition | str, energy: float, refs: EnergyReferences) -> float:
-    """E_form (eV/atom) of a total energy ``energy`` (eV) of ``composition`` under ``refs``.
-
-    Raises:
-        KeyError: an element has no reference energy (message names it).
-    """
-    comp = Composition(composition)
-    missing = [el.symbol for el in comp.elements if el.symbol not in refs.mu]
-    if missing:
-        raise KeyError(f"no reference energy for {', '.join(missing)} in scheme {refs.scheme!r}")
-    total = energy + (mp2020_correction(comp, energy) if refs.apply_mp2020 else 0.0)
-    ref = sum(amount * refs.mu[el.symbol] for el, amount in comp.items())
-    return (total - ref) / comp.num_atoms
-
-
-@dataclass
-class CalibrationPoint:
-    """One calibration compound: its relaxed MLIP energy (eV/atom) and the table's E_form (eV/atom)."""
-
-    formula: str
-    energy_per_atom: float
-    target_e_form: float
-
-
-def fit_reference_energies(
-    points: Sequence[CalibrationPoint],
-    prior: EnergyReferences,
-    ridge: float = 1e-3,
-    potential: str | None = None,
-) -> EnergyReferences:
-    """Fit per-element reference energies so the points reproduce their table formation energies.
-
-    Minimises sum_k (x_k . mu - y_k)^2 + ridge * sum_el (mu_el - mu0_el)^2 where x_k are atomic fractions,
-    y_k = (corrected) energy per atom - target E_form, mu0 the prior's effective references (the prior's MP2020
-    corrections folded in per compound). Elements absent from all points keep mu0. Records the RMSE and the
-    leave-one-out RMSE (eV/atom) in ``calibration``.
-    """
-    if not points:
-        raise ValueError("fit_reference_energies needs at least one calibration point")
-    elements = sorted({el.symbol for p in points for el in Composition(p.formula).elements})
-    index = {el: i for i, el in enumerate(elements)}
-    x = np.zeros((len(points), len(elements)))
-    y = np.zeros(len(points))
-    for k, p in enumerate(points):
-        comp = Composition(p.formula)
-        for el, amount in comp.items():
-            x[k, index[el.symbol]] = amount / comp.num_atoms
-        n = comp.num_atoms
-        corr = mp2020_correction(comp, p.energy_per_atom * n) / n if prior.apply_mp2020 else 0.0
-        # folding the prior's correction into y keeps mu on the uncorrected-energy scale of the prior
-        y[k] = p.energy_per_atom - p.target_e_form + corr
-    mu0 = np.array([prior.mu[el] for el in elements])
-
-    def solve(rows: np.ndarray) -> np.ndarray:
-        a = x[rows].T @ x[rows] + ridge * np.eye(len(elements))
-        b = x[rows].T @ y[rows] + ridge * mu0
-        return np.linalg.solve(a, b)
-
-    everything = np.arange(len(points))
-    mu = solve(everything)
-    residuals = x @ mu - y
-    loo = []
-    for k in everything:
-        mu_k = solve(everything[everything != k])
-        loo.append(float(x[k] @ mu_k - y[k]))
-    fitted = dict(prior.mu)
-    fitted.update({el: float(mu[i]) for el, i in index.items()})
-    per_point = {
-        p.formula: {"residual": float(-residuals[k]), "loo_residual": float(-loo[k])} for k, p in enumerate(points)
-    }
-    return EnergyReferences(
-        scheme="fitted",
-        potential=potential or prior.potential,
-        mu=fitted,
-        apply_mp2020=prior.apply_mp2020,
-        calibration={
-            "n_points": len(points),
-            "ridge": ridge,
-            "rmse": float(np.sqrt(np.mean(residuals**2))),
-            "loo_rmse": float(np.sqrt(np.mean(np.square(loo)))),
-            "fitted_elements": elements,
-            "points": per_point,
-        },
-    )
+    def diagram(self, elements: Iterable[str]) -> PhaseDiagram:
+        """The reference hull of a chemical system: table compounds within it plus the elements at 0 eV/atom
+        (built once per system and kept)."""
+        system = frozenset(elements)
+        if system not in self._diagrams:
+            entries = [PDEntry(Composition({Element(el): 1}), 0.0, name=el) for el in sorted(system)]
+            self._diagrams[system] = PhaseDiagram(entries + self.entries_within(system))
+        return self._diagrams[system]
 
 
 @dataclass(frozen=True)
 class HullItem:
-    """A screened structure on the hull: id, composition, formation energy (eV/atom)."""
+    """A screened structure: id, composition, formation energy (eV/atom)."""
 
     id: str
     composition: Composition
     e_form_per_atom: float
 
 
-def energies_above_hull(items: Sequence[HullItem], table: ReferenceTable) -> dict[str, float]:
-    """Energy above hull (eV/atom) of each item against the table's phases of its chemical system plus all
-    items within that system. Items with a non-finite formation energy get NaN."""
-    valid = [it for it in items if math.isfinite(it.e_form_per_atom)]
-    out = {it.id: math.nan for it in items}
+@dataclass(frozen=True)
+class HullDistance:
+    """Distances to the hull, eV/atom: signed to the reference hull; to the hull with this screen's structures."""
+
+    e_above_hull: float
+    e_above_hull_screen: float
+
+
+def _system(composition: Composition) -> frozenset[str]:
+    return frozenset(el.symbol for el in composition.elements)
+
+
+def hull_distances(items: Sequence[HullItem], table: ReferenceTable) -> dict[str, HullDistance]:
+    """Signed E_hull against the reference hull, and the distance to the hull that also holds the screened
+    structures, for each item (NaN for a non-finite formation energy).
+
+    Each chemical system's reference diagram is built once. The screen's hull differs from the reference hull
+    only where some item of a subsystem lies below the reference hull, so only those systems get a second
+    diagram (of the reference entries plus the items below it).
+    """
+    nan = HullDistance(math.nan, math.nan)
+    out = {it.id: nan for it in items}
     by_system: dict[frozenset[str], list[HullItem]] = defaultdict(list)
-    for it in valid:
-        by_system[frozenset(el.symbol for el in it.composition.elements)].append(it)
+    for it in items:
+        if math.isfinite(it.e_form_per_atom):
+            by_system[_system(it.composition)].append(it)
+    signed: dict[str, float] = {}
+    below: dict[frozenset[str], list[HullItem]] = defaultdict(list)
     for system, members in by_system.items():
-        entries = [PDEntry(Composition({Element(el): 1}), 0.0, name=el) for el in sorted(system)]
-        entries += table.entries_within(system)
-        own = {}
-        for it in valid:
-            if frozenset(el.symbol for el in it.composition.elements) <= system:
-                entry = PDEntry(it.composition, it.e_form_per_atom * it.composition.num_atoms, name=it.id)
-                entries.append(entry)
-                own[it.id] = entry
+        diagram = table.diagram(system)
+        for it in members:
+            value = it.e_form_per_atom - diagram.get_hull_energy_per_atom(it.composition)
+            signed[it.id] = float(value)
+            if value < 0:
+                below[system].append(it)
+    for system, members in by_system.items():
+        lower = [
+            it
+            for size in range(1, len(system) + 1)
+            for subset in itertools.combinations(sorted(system), size)
+            for it in below.get(frozenset(subset), ())
+        ]
+        if not lower:
+            for it in members:
+                out[it.id] = HullDistance(signed[it.id], signed[it.id])
+            continue
+        reference = table.diagram(system)
+        # only the reference hull's vertices and the items below it can be on the screen's hull
+        entries = list(reference.stable_entries) + [
+            PDEntry(it.composition, it.e_form_per_atom * it.composition.num_atoms, name=it.id) for it in lower
+        ]
         diagram = PhaseDiagram(entries)
         for it in members:
-            out[it.id] = float(diagram.get_e_above_hull(own[it.id], allow_negative=True))
+            screen = it.e_form_per_atom - diagram.get_hull_energy_per_atom(it.composition)
+            out[it.id] = HullDistance(signed[it.id], max(0.0, float(screen)))
     return out
 
 
-def calibration_points(
-    calculator,
+# ------------------------------------------------------------------------------------------------ assessment
+
+
+@dataclass(frozen=True)
+class StabilityRow:
+    """What the screen reports per structure: E_form, both hull distances (eV/atom) and a warning ('' if none)."""
+
+    e_form_per_atom: float
+    e_above_hull: float
+    e_above_hull_screen: float
+    warning: str = ""
+
+
+def assess_stability(
+    energies: Mapping[str, tuple[Composition, float]],
+    refs: EnergyReferences,
     table: ReferenceTable,
-    compounds: Sequence[tuple[str, Sequence[str]]] = CALIBRATION_COMPOUNDS,
-    supported: Iterable[str] | None = None,
-    relax_settings=None,
-) -> tuple[list[CalibrationPoint], list[str]]:
-    """Build each calibration compound from its prototype, relax it with ``calculator`` and pair its energy
-    with the table's lowest E_form. Returns the points and a list of skipped compounds with reasons."""
-    from materials.candidates import build_prototype
-    from materials.relax import RelaxSettings, relax_structure
+    training_elements: Iterable[str] | None = None,
+) -> dict[str, StabilityRow]:
+    """Formation energies, hull distances and warnings for relaxed structures.
 
-    settings = relax_settings or RelaxSettings(fmax=0.02, max_steps=400)
-    allowed = set(supported) if supported is not None else None
-    points, skipped = [], []
-    for prototype, species in compounds:
-        structure = build_prototype(prototype, species)
-        formula = structure.composition.reduced_formula
-        if allowed is not None and not set(species) <= allowed:
-            skipped.append(f"{formula}: element not supported by the potential")
-            continue
-        target = table.lowest_formation_energy(formula)
-        if target is None:
-            skipped.append(f"{formula}: not in the reference table")
-            continue
-        result = relax_structure(structure, calculator, settings, item_id=f"{prototype}-{formula}")
-        if result.status != "ok":
-            skipped.append(f"{formula}: relaxation failed ({result.failure_reason})")
-            continue
-        points.append(CalibrationPoint(formula, result.energy_per_atom, target))
-    return points, skipped
+    Args:
+        energies: id -> (composition, total energy in eV) on the potential's own scale.
+        refs: the potential's references (its convention decides whether MP2020 is added).
+        table: the reference hull.
+        training_elements: the elements the potential was trained on (None: not checked).
 
-
-def calibrate_references(
-    calculator,
-    potential: str,
-    table: ReferenceTable,
-    supported: Iterable[str] | None = None,
-    ridge: float = 1e-3,
-) -> EnergyReferences:
-    """Fitted scheme for one potential: relax the calibration compounds, fit mu around the mp2020 prior."""
-    points, skipped = calibration_points(calculator, table, supported=supported)
-    prior = mp2020_references(potential)
-    if not points:
-        prior.calibration = {"skipped": skipped, "note": "no calibration compound usable: mp2020 scheme kept"}
-        return prior
-    refs = fit_reference_energies(points, prior, ridge=ridge, potential=potential)
-    refs.calibration["skipped"] = skipped
-    return refs
-
-
-def shipped_references(weights_hash: str) -> EnergyReferences | None:
-    """Fitted references shipped in the package for a potential's weights hash, or None."""
-    path = _data_path(f"reference_energies_{weights_hash}.json")
-    if not path.is_file():
-        return None
-    return EnergyReferences.from_dict(json.loads(path.read_text()))
+    A row warns when an element lies outside ``training_elements``, when an element has no reference energy
+    (E_form is then NaN, never a made-up number), and when it lies more than |BELOW_HULL_WARNING| below the
+    reference hull.
+    """
+    covered = frozenset(training_elements) if training_elements is not None else None
+    notes: dict[str, list[str]] = defaultdict(list)
+    items = []
+    for item_id, (comp, energy) in energies.items():
+        symbols = sorted(el.symbol for el in comp.elements)
+        if covered is not None and (outside := [s for s in symbols if s not in covered]):
+            notes[item_id].append(f"elements outside the potential's training data: {', '.join(outside)}")
+        lacking = [s for s in symbols if s not in refs.mu]
+        if lacking:
+            reasons = "; ".join(f"{s}: {refs.missing[s]}" for s in lacking if s in refs.missing)
+            notes[item_id].append(
+                f"no {refs.convention} reference energy for {', '.join(lacking)}"
+                + (f" ({reasons})" if reasons else "")
+                + ": E_form and E_hull not computed"
+            )
+            value = math.nan
+        else:
+            try:
+                value = formation_energy_per_atom(comp, energy, refs)
+            except StabilityError as exc:
+                notes[item_id].append(str(exc))
+                value = math.nan
+        items.append(HullItem(item_id, comp, value))
+    distances = hull_distances(items, table)
+    out = {}
+    for it in items:
+        dist = distances[it.id]
+        if dist.e_above_hull < BELOW_HULL_WARNING:
+            notes[it.id].append(
+                f"{-dist.e_above_hull:.2f} eV/atom below the known hull: most often a model error, "
+                "sometimes a discovery; check with DFT"
+            )
+        out[it.id] = StabilityRow(
+            it.e_form_per_atom, dist.e_above_hull, dist.e_above_hull_screen, "; ".join(notes[it.id])
+        )
+    return out

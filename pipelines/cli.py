@@ -13,15 +13,30 @@ def _print_summary(summary) -> None:
         f"({summary.n_new_this_run} relaxed this run, {summary.seconds:.0f} s)"
     )
     refs = summary.references
-    loo = refs.get("calibration", {}).get("loo_rmse")
-    print(
-        f"energy scheme: {refs['scheme']} for {refs['potential']}"
-        + (f" (calibration leave-one-out RMSE {loo:.3f} eV/atom)" if loo is not None else "")
+    source = (
+        "MP 2023 elemental energies" if refs["source"] == "mp-2023" else "elemental crystals relaxed with the model"
     )
+    print(f"energy convention: {refs['convention']} for {refs['potential']} (references: {source})")
+    if refs.get("offsets"):
+        cal = refs.get("calibration", {})
+        print(
+            f"fitted element offsets for {len(refs['offsets'])} elements: leave-one-element-out MAE "
+            f"{cal.get('mae_leave_one_element_out', float('nan')):.3f} vs plain "
+            f"{cal.get('mae_plain_same_compounds', float('nan')):.3f} eV/atom"
+        )
     if summary.top:
-        print(f"\n{'id':34s} {'formula':12s} {'E_form':>8s} {'E_hull':>8s}   (eV/atom)")
+        print(f"\n{'id':34s} {'formula':12s} {'E_form':>8s} {'E_hull':>8s}   (eV/atom; E_hull signed)")
         for r in summary.top:
             print(f"{r['id']:34s} {r['formula']:12s} {r['e_form_per_atom']:8.3f} {r['e_above_hull']:8.3f}")
+    if summary.below_hull:
+        print(
+            f"\n{len(summary.below_hull)} below the known hull by more than 0.1 eV/atom "
+            "(most often a model error, sometimes a discovery; check with DFT):"
+        )
+        for r in summary.below_hull[:10]:
+            print(f"  {r['id']:34s} {r['formula']:12s} {r['e_above_hull']:8.3f}")
+    if summary.n_warnings:
+        print(f"{summary.n_warnings} rows carry a warning (column 'warning' of results.csv)")
     print(f"\nresults: {summary.out_dir / 'results.csv'}")
     if summary.mlflow_run_id:
         print(f"MLflow run: {summary.mlflow_run_id}")

@@ -133,12 +133,26 @@ class RelaxWorker:
             out[slot] = record
         return out
 
-    def calibrate(self) -> dict[str, Any]:
-        """Fitted elemental references for this worker's potential (see materials.stability)."""
-        from materials.stability import ReferenceTable, calibrate_references
+    def elemental_references(self, symbols: Sequence[str]) -> dict[str, Any]:
+        """``self``-convention references: the elemental crystals of ``symbols`` relaxed with this worker's
+        potential (see materials.stability.model_elemental_references)."""
+        from materials.stability import model_elemental_references
 
-        refs = calibrate_references(self.calculator, self.label, ReferenceTable.load(), supported=self.supported)
-        return refs.as_dict()
+        return model_elemental_references(self.calculator, symbols, self.label).as_dict()
+
+    def element_offsets(self, refs: dict[str, Any]) -> dict[str, Any]:
+        """Per-element offsets fitted for this worker's potential on the known ground states, on top of ``refs``
+        (see materials.stability.calibrate_element_offsets; ~50 relaxations)."""
+        from materials.stability import EnergyReferences, ReferenceTable, calibrate_element_offsets
+
+        base = EnergyReferences.from_dict(refs)
+        return calibrate_element_offsets(self.calculator, base, ReferenceTable.load(), self.supported).as_dict()
+
+    def training_elements(self) -> frozenset[str]:
+        """The elements this worker's potential was trained on (coverage warnings)."""
+        from materials.potentials import training_elements
+
+        return training_elements(self.spec, self.calculator)
 
 
 def make_workers(spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings, settings: RaySettings) -> list:

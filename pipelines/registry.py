@@ -90,7 +90,7 @@ def resolve_potential(
 ) -> tuple[PotentialSpec, dict[str, str]]:
     """Return ``spec`` with a registry URI replaced by the downloaded local ``.model`` path, and tags recording
     the registry name, version, source run and training-data hash (empty dict when ``spec`` is not a registry
-    URI: it is returned unchanged).
+    URI: it is returned unchanged). A resolved model gets energy convention ``self`` unless ``spec`` declares one.
 
     Raises:
         RegistryError: malformed URI, unknown model or version, or no ``.model`` file in the artifact.
@@ -143,4 +143,6 @@ def resolve_potential(
     }
     if "training_data_hash" in model_version.tags:
         tags["potential_training_data_hash"] = model_version.tags["training_data_hash"]
-    return replace(spec, model=str(files[0])), tags
+    # a registered model was fine-tuned on this project's DFT: its energies sit on that DFT's scale, so its
+    # elemental references come from the model itself unless the config declares otherwise
+    return replace(spec, model=str(files[0]), energy_convention=spec.energy_convention or "self"), tags

@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from pymatgen.core import Composition
 from tqdm import tqdm
 
 from materials.candidates import Candidate, enumerate_candidates
 from materials.potentials import weights_hash
 from materials.stability import (
+    BELOW_HULL_WARNING,
     EnergyReferences,
-    HullItem,
     ReferenceTable,
-    energies_above_hull,
-    formation_energy_per_atom,
-    mp2020_references,
-    shipped_references,
+    assess_stability,
+    mp_references,
+    shipped_element_offsets,
 )
 from materials.structures import load_structure_dir
 from pipelines.config import ScreenConfig
@@ -50,12 +50,27 @@ class ScreenSummary:
     references: dict[str, Any]
     mlflow_run_id: str | None
     top: list[dict[str, Any]] = field(default_factory=list)
+    #: rows more than |BELOW_HULL_WARNING| eV/atom below the known hull (id, formula, e_above_hull, warning)
+    below_hull: list[dict[str, Any]] = field(default_factory=list)
+    #: rows that carry any warning
+    n_warnings: int = 0
 
 
 def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int | None) -> str:
-    """Hash of what determines the results (science settings and inputs, not Ray/tracking/output)."""
+    """Hash of what determines the stored relaxations (science settings and inputs, not Ray/tracking/output).
+
+    Stability settings and the energy convention are left out: E_form and E_hull are recomputed from the stored
+    energies at the end of every run, so changing them and resuming recomputes them without relaxing again."""
     # relax.batched / batch_max_atoms choose how, not what: a CPU screen may be resumed batched on a GPU
-    exclude = {"ray": True, "tracking": True, "output_dir": True, "name": True, "relax": {"batched", "batch_max_atoms"}}
+    exclude = {
+        "ray": True,
+        "tracking": True,
+        "output_dir": True,
+        "name": True,
+        "stability": True,
+        "relax": {"batched", "batch_max_atoms"},
+        "potential": {"energy_convention"},
+    }
     science = config.model_dump(mode="json", exclude=exclude)
     payload = json.dumps({"science": science, "structures": structures, "limit": limit}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -107,41 +122,52 @@ def build_work_items(
     return items, failed
 
 
-def resolve_references(config: ScreenConfig, out_dir: Path, workers: list) -> EnergyReferences:
-    """The energy scheme for this potential: mp2020, shipped fitted values, a cached fit, or a new fit."""
+def resolve_references(config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str]) -> EnergyReferences:
+    """The potential's elemental references under its energy convention: MP's 2023 elemental energies for
+    ``mp2020`` and ``uncorrected``; for ``self``, the elemental crystals relaxed with the potential on a Ray
+    worker (kept in ``reference_energies.json`` so a resumed screen computes only new elements). With
+    ``stability.element_offsets``, fitted offsets on top: shipped for the weights, cached, or fitted on a worker."""
     label = config.potential.label()
-    if config.stability.scheme == "mp2020":
-        return mp2020_references(label)
-    shipped = shipped_references(weights_hash(config.potential))
-    if shipped is not None:
-        return shipped
+    convention = config.potential.convention()
+    if convention != "self":
+        refs = mp_references(convention, label)
+        if not config.stability.element_offsets:
+            return refs
+        shipped = shipped_element_offsets(weights_hash(config.potential))
+        if shipped is not None and shipped.convention == convention:
+            return replace(shipped, potential=label)
+        cache = out_dir / "reference_energies.json"
+        if cache.is_file():
+            cached = EnergyReferences.from_dict(json.loads(cache.read_text()))
+            if cached.offsets and cached.convention == convention and cached.potential == label:
+                return cached
+        return EnergyReferences.from_dict(ray.get(workers[0].element_offsets.remote(refs.as_dict())))
     cache = out_dir / "reference_energies.json"
+    refs = EnergyReferences(convention="self", potential=label, mu={}, source="model")
     if cache.is_file():
-        return EnergyReferences.from_dict(json.loads(cache.read_text()))
-    import ray
-
-    refs = EnergyReferences.from_dict(ray.get(workers[0].calibrate.remote()))
-    cache.write_text(json.dumps(refs.as_dict(), indent=1))
+        cached = EnergyReferences.from_dict(json.loads(cache.read_text()))
+        if cached.convention == "self" and cached.potential == label:
+            refs = cached
+    todo = sorted(symbols - set(refs.mu) - set(refs.missing))
+    if todo:
+        new = EnergyReferences.from_dict(ray.get(workers[0].elemental_references.remote(todo)))
+        refs.mu.update(new.mu)
+        refs.missing.update(new.missing)
     return refs
 
 
-def compute_stability(store: ResultStore, refs: EnergyReferences, table: ReferenceTable) -> None:
-    """Formation energies and E_hull for every ok record (hull = table + all screened candidates)."""
-    from pymatgen.core import Composition
-
-    items, eform = [], {}
+def compute_stability(
+    store: ResultStore, refs: EnergyReferences, table: ReferenceTable, training_elements: frozenset[str] | None
+) -> None:
+    """Formation energy, signed E_hull, E_hull against the screen's own hull, and warnings for every ok record."""
+    energies = {}
     for rec in store.records():
         if rec["status"] != "ok" or rec["energy_per_atom"] is None:
             continue
         comp = Composition(rec["formula"])
-        try:
-            value = formation_energy_per_atom(comp, rec["energy_per_atom"] * comp.num_atoms, refs)
-        except KeyError:  # no reference energy for an element: E_form and E_hull stay empty for this row
-            value = math.nan
-        eform[rec["id"]] = value
-        items.append(HullItem(rec["id"], comp, value))
-    ehull = energies_above_hull(items, table)
-    store.update_stability({k: (eform[k], ehull[k]) for k in eform})
+        energies[rec["id"]] = (comp, rec["energy_per_atom"] * comp.num_atoms)
+    rows = assess_stability(energies, refs, table, training_elements)
+    store.update_stability(rows, refs.convention)
 
 
 def _write_structure_files(records: list[dict], folder: Path) -> None:
@@ -225,15 +251,12 @@ def run_screen(
         started_ray = init_ray(config.ray)
         tracker.log_params(config.flat_params() | {"structures": structures, "limit": limit})
         workers = make_workers(config.potential, config.relax, config.checks, config.ray)
-        refs = resolve_references(config, out, workers)
-        (out / "reference_energies.json").write_text(json.dumps(refs.as_dict(), indent=1))
         tracker.set_tags(
             {
                 "git_commit": git_commit(),
                 "potential": config.potential.label(),
                 "potential_weights_hash": weights_hash(config.potential),
-                "energy_scheme": refs.scheme,
-                "energy_scheme_loo_rmse": refs.calibration.get("loo_rmse", "n/a"),
+                "energy_convention": config.potential.convention(),
                 **registry_tags,
             }
         )
@@ -250,8 +273,23 @@ def run_screen(
             bar.update(n)
         bar.close()
         relax_seconds = time.perf_counter() - relax_start
-        table = ReferenceTable.load()
-        compute_stability(store, refs, table)
+        symbols = {
+            el.symbol
+            for rec in store.records()
+            if rec["status"] == "ok" and rec["formula"]
+            for el in Composition(rec["formula"]).elements
+        }
+        refs = resolve_references(config, out, workers, symbols)
+        (out / "reference_energies.json").write_text(json.dumps(refs.as_dict(), indent=1))
+        tracker.set_tags(
+            {
+                "energy_references": refs.source,
+                "energy_offsets": "fitted" if refs.offsets else "none",
+                "energy_offsets_loeo_mae": refs.calibration.get("mae_leave_one_element_out", "n/a"),
+            }
+        )
+        training = ray.get(workers[0].training_elements.remote())
+        compute_stability(store, refs, ReferenceTable.load(), training)
         csv_path = store.export_csv(out / "results.csv")
         _add_predicted_gaps(csv_path)
         records = list(store.records())
@@ -259,6 +297,12 @@ def run_screen(
         stable = [
             r for r in ok if r["e_above_hull"] is not None and r["e_above_hull"] <= config.stability.stable_threshold
         ]
+        below = [
+            {k: r[k] for k in ("id", "formula", "e_above_hull", "warning")}
+            for r in sorted(ok, key=lambda r: (r["e_above_hull"] if r["e_above_hull"] is not None else 0.0, r["id"]))
+            if r["e_above_hull"] is not None and r["e_above_hull"] < BELOW_HULL_WARNING
+        ]
+        n_warnings = sum(1 for r in ok if r.get("warning"))
         seconds = time.perf_counter() - start
         stable_dir = out / "stable_structures"
         stable_dir.mkdir(exist_ok=True)
@@ -272,6 +316,8 @@ def run_screen(
                 "n_ok": len(ok),
                 "n_failed": len(records) - len(ok),
                 "n_stable": len(stable),
+                "n_below_known_hull": len(below),
+                "n_warnings": n_warnings,
                 "n_relaxed_this_run": len(todo),
                 "seconds": seconds,
                 "relax_seconds": relax_seconds,
@@ -298,12 +344,12 @@ def run_screen(
             refs.as_dict(),
             tracker.run_id,
             top,
+            below,
+            n_warnings,
         )
     finally:
         if tracker is not None:
             tracker.end(status)
         store.close()
         if started_ray:
-            import ray
-
             ray.shutdown()

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 #: Columns of results.csv, in order (energies eV/atom, volumes Å^3/atom, forces eV/Å, stress GPa, time s).
+#: ``e_above_hull`` is signed (negative below every known phase); ``e_above_hull_screen`` is the distance to the
+#: hull that also holds this screen's structures; ``energy_convention`` says how the potential's energies were
+#: put on the MP2020 scale; ``warning`` explains a number to distrust (see materials.stability).
 RESULT_COLUMNS = (
     "id",
     "formula",
@@ -25,6 +28,9 @@ RESULT_COLUMNS = (
     "energy_per_atom",
     "e_form_per_atom",
     "e_above_hull",
+    "e_above_hull_screen",
+    "warning",
+    "energy_convention",
     "volume_per_atom",
     "initial_volume_per_atom",
     "max_force",
@@ -46,6 +52,11 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         columns = ", ".join(f'"{c}"' for c in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS)
         self._db.execute(f'CREATE TABLE IF NOT EXISTS results ("id" TEXT PRIMARY KEY, {columns})')
+        # a store written before a column existed gains it (empty), so older screens still resume
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for name in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS:
+            if name not in present:
+                self._db.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._db.commit()
 
@@ -86,17 +97,34 @@ class ResultStore:
                 row.append(value)
             rows.append(row)
         placeholders = ", ".join("?" for _ in names)
-        self._db.executemany(f"INSERT OR REPLACE INTO results VALUES ({placeholders})", rows)
+        columns = ", ".join(f'"{n}"' for n in names)  # by name: a migrated store has its columns in another order
+        self._db.executemany(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", rows)
         self._db.commit()
         return len(rows)
 
-    def update_stability(self, values: dict[str, tuple[float, float]]) -> None:
-        """Set (e_form_per_atom, e_above_hull) per id, eV/atom."""
+    def update_stability(self, values: dict[str, Any], convention: str) -> None:
+        """Set e_form_per_atom, e_above_hull, e_above_hull_screen (eV/atom), warning and energy_convention per id
+        from :class:`materials.stability.StabilityRow` values."""
+
+        def number(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
         rows = [
-            (None if not math.isfinite(ef) else ef, None if not math.isfinite(eh) else eh, item_id)
-            for item_id, (ef, eh) in values.items()
+            (
+                number(row.e_form_per_atom),
+                number(row.e_above_hull),
+                number(row.e_above_hull_screen),
+                row.warning or None,
+                convention,
+                item_id,
+            )
+            for item_id, row in values.items()
         ]
-        self._db.executemany('UPDATE results SET e_form_per_atom = ?, e_above_hull = ? WHERE "id" = ?', rows)
+        self._db.executemany(
+            "UPDATE results SET e_form_per_atom = ?, e_above_hull = ?, e_above_hull_screen = ?, warning = ?, "
+            'energy_convention = ? WHERE "id" = ?',
+            rows,
+        )
         self._db.commit()
 
     def done_ids(self) -> set[str]:

@@ -122,6 +122,10 @@ def run_validation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{prop.replace('_', ' ')}: {path.name} vs {ref.name}"
+    with path.open(newline="") as handle:  # a screen's energies: say which convention put them on MP's scale
+        conventions = sorted({row.get("energy_convention") or "" for row in csv.DictReader(handle)} - {""})
+    if conventions and prop == "formation_energy":
+        title += f" (energy convention {', '.join(conventions)})"
     report = write_report(result, out, title=title)
     if skipped:
         (out / "skipped_predictions.txt").write_text("\n".join(skipped) + "\n")
@@ -139,7 +143,9 @@ def run_validation(
                 "n_skipped": len(skipped),
             }
         )
-        tracker.set_tags({"git_commit": git_commit()})
+        tracker.set_tags(
+            {"git_commit": git_commit()} | ({"energy_convention": ",".join(conventions)} if conventions else {})
+        )
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)})
         for file in sorted(out.iterdir()):  # the report's own files only (the folder may hold other things)
             if file.is_file() and file.suffix in (".md", ".html", ".png", ".csv", ".txt"):

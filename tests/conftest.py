@@ -35,16 +35,6 @@ def reference_table():
     return ReferenceTable.load()
 
 
-@pytest.fixture(scope="session")
-def chgnet_refs():
-    from materials.potentials import PotentialSpec, weights_hash
-    from materials.stability import shipped_references
-
-    refs = shipped_references(weights_hash(PotentialSpec(name="chgnet")))
-    assert refs is not None, "fitted CHGNet references must ship in materials/data"
-    return refs
-
-
 @pytest.fixture
 def tiny_mace_path() -> Path:
     assert TINY_MACE.is_file(), "tests/data/tiny_mace.model missing: run scripts/train_tiny_mace.py"

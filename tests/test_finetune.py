@@ -4,6 +4,7 @@ EMT-labelled Cu/Ni/Al cells (EMT stands in for DFT), registration in a temp MLfl
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,6 @@ def test_registered_model_loads_and_screens(finetuned, tmp_path):
         {
             "name": "screen-finetuned",
             "potential": {"name": "mace", "model": summary.registry_uri},
-            "stability": {"scheme": "mp2020"},
             "relax": {"fmax": 0.05, "max_steps": 100},
             "ray": {"num_cpus": 1, "num_workers": 1},
             "tracking": {"uri": config.tracking.uri, "experiment": "test-screen"},
@@ -174,6 +174,12 @@ def test_registered_model_loads_and_screens(finetuned, tmp_path):
     assert run.data.tags["potential_registry_name"] == "tiny-ft"
     assert run.data.tags["potential_registry_version"] == "1"
     assert run.data.tags["potential"] == "mace-tiny-ft.model"
+    # fine-tuned on our own data: convention self, elemental references relaxed with the model itself, so fcc
+    # Cu (the Cu reference crystal) forms from the elements at ~0 eV/atom
+    assert run.data.tags["energy_convention"] == "self" and result.references["source"] == "model"
+    assert set(result.references["mu"]) == {"Al", "Cu", "Ni"}
+    rows = {r["id"]: r for r in csv.DictReader((tmp_path / "screen" / "results.csv").open())}
+    assert abs(float(rows["cu"]["e_form_per_atom"])) < 0.02 and rows["cu"]["energy_convention"] == "self"
 
 
 def test_shipped_config_builds_the_benchmark_jobs():

