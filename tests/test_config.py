@@ -42,3 +42,14 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_removed_scheme_and_convention_settings_are_named():
+    with pytest.raises(ConfigError, match=r"stability\.scheme was removed.*energy_convention"):
+        parse_config({"stability": {"scheme": "fitted"}})
+    with pytest.raises(ConfigError, match=r"potential\.energy_convention"):
+        parse_config({"potential": {"energy_convention": "corrected"}})
+    with pytest.raises(ConfigError, match="element_offsets: true needs a potential on MP's scale"):
+        parse_config({"potential": {"name": "emt"}, "stability": {"element_offsets": True}})
+    config = parse_config({"potential": {"name": "mace", "model": "x.model"}})
+    assert config.potential.convention() == "uncorrected" and config.stability.stable_threshold == 0.1
