@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field
+from pymatgen.core import Composition
 
 from materials.bandgap import (
     FIDELITIES,
+    METAL_DECISION,
     METAL_THRESHOLD,
+    POOL_MIN,
     PREDICTION_COLUMNS,
     BandGapError,
     GapDataset,
@@ -29,13 +32,13 @@ from materials.bandgap import (
     GapModelSettings,
     GapNet,
     GapTrainSettings,
-    combine_members,
+    calibrate_ensemble,
+    chemistry_features,
     finetune_expt_model,
-    fit_metal_cut,
-    fit_sigma_scale,
     gap_metrics,
     predict_gaps,
     reference_gaps,
+    reliability,
     shipped_model_path,
     split_gaps,
     train_pbe_model,
@@ -117,9 +120,34 @@ def build_datasets(config: BandGapConfig) -> dict[str, GapDataset]:
     return out
 
 
+#: Textbook semiconductors and insulators (all in Borlido, so in no training data): none may be called a metal.
+TEXTBOOK = (
+    "Si",
+    "Ge",
+    "C",
+    "GaAs",
+    "GaP",
+    "InP",
+    "InAs",
+    "AlAs",
+    "CdTe",
+    "ZnS",
+    "ZnO",
+    "GaN",
+    "AlN",
+    "MgO",
+    "LiF",
+    "CuInSe2",
+)
+
+
 def evaluate_ensemble(ensemble: GapEnsemble, data: dict[str, GapDataset]) -> dict[str, float]:
     """Held-out metrics: ``mp_test_*`` (PBE), ``expt_test_*`` (Zhuo), ``borlido_expt_*`` (gap_expt vs experiment),
-    ``borlido_pbe_*`` (gap_pbe vs Borlido's PBE column, where it has one; ground-state polymorph per formula)."""
+    ``borlido_pbe_*`` (gap_pbe vs Borlido's PBE column, where it has one; ground-state polymorph per formula).
+
+    Also: ``*_coverage90`` (fraction inside ``lo``..``hi``), ``*_ece`` and ``*_ece_uncalibrated`` (expected
+    calibration error of P(metal), calibrated and the members' raw mean), ``borlido_expt_false_metal`` (fraction of
+    Borlido's non-metals called metal), and ``textbook_*`` on :data:`TEXTBOOK` (metals called, MAE)."""
     metrics: dict[str, float] = {}
     for key, fidelity, dataset in (
         ("mp_test", "pbe", data["mp_test"]),
@@ -127,14 +155,67 @@ def evaluate_ensemble(ensemble: GapEnsemble, data: dict[str, GapDataset]) -> dic
         ("borlido_expt", "expt", data["borlido"]),
     ):
         if len(dataset):
-            pred = ensemble.predict_dataset(fidelity, dataset)
+            outputs = ensemble.outputs(fidelity, dataset)
+            pred = ensemble.calibrated(fidelity, dataset, outputs, None)
             metrics.update({f"{key}_{k}": v for k, v in gap_metrics(pred, dataset.gap).items()})
-            nonmetal = dataset.gap > METAL_THRESHOLD  # the regression alone on known non-metals (gap_*_nonmetal)
+            metrics[f"{key}_coverage90"] = float(np.mean((dataset.gap >= pred["lo"]) & (dataset.gap <= pred["hi"])))
+            metal = dataset.gap <= METAL_THRESHOLD
+            nonmetal = ~metal  # the regression alone on known non-metals (gap_*_nonmetal)
             if nonmetal.any():
                 metrics[f"{key}_nonmetal_mae"] = float(np.mean(np.abs(pred["mu"] - dataset.gap)[nonmetal]))
+                metrics[f"{key}_false_metal"] = float(np.mean(pred["gap"][nonmetal] <= METAL_THRESHOLD))
+                raw_p = np.mean([o["p_metal"] for o in outputs], axis=0)[nonmetal]  # members' mean, called at 0.5
+                metrics[f"{key}_false_metal_uncalibrated"] = float(np.mean(raw_p >= METAL_DECISION))
+            if metal.any() and nonmetal.any():
+                raw = np.mean([o["p_metal"] for o in outputs], axis=0)
+                metrics[f"{key}_ece"] = reliability(pred["p_metal"], metal)["ece"]
+                metrics[f"{key}_ece_uncalibrated"] = reliability(raw, metal)["ece"]
     borlido_pbe = GapDataset.from_pairs(sorted(reference_gaps("borlido", method="PBE").items()))
     pred = ensemble.predict_dataset("pbe", borlido_pbe)
     metrics.update({f"borlido_pbe_{k}": v for k, v in gap_metrics(pred, borlido_pbe.gap).items()})
+    # a screening pool is charge balanced: the balanced held-out Zhuo compositions stand in for one (labels known),
+    # predicted with the calibration data's metal prior and with the prior estimated from the pool itself
+    test = data["expt_test"]
+    balanced = chemistry_features(test.formulas)[:, 0] > 0
+    if balanced.sum() >= POOL_MIN:
+        pool = test.subset(np.flatnonzero(balanced))
+        metal = pool.gap <= METAL_THRESHOLD
+        metrics["expt_test_balanced_n"] = float(len(pool))
+        metrics["expt_test_balanced_metal_fraction"] = float(metal.mean())
+        for label, prior in (("fit_prior", None), ("pool_prior", "pool")):
+            pred = ensemble.predict_dataset("expt", pool, prior)
+            metrics[f"expt_test_balanced_{label}_prior"] = float(pred["prior"][0])
+            metrics[f"expt_test_balanced_{label}_mae"] = float(np.mean(np.abs(pred["gap"] - pool.gap)))
+            metrics[f"expt_test_balanced_{label}_false_metal"] = float(np.mean(pred["gap"][~metal] <= METAL_THRESHOLD))
+            metrics[f"expt_test_balanced_{label}_missed_metal"] = (
+                float(np.mean(pred["gap"][metal] > METAL_THRESHOLD)) if metal.any() else math.nan
+            )
+            metrics[f"expt_test_balanced_{label}_ece"] = reliability(pred["p_metal"], metal)["ece"]
+    borlido = dict(zip(data["borlido"].formulas, data["borlido"].gap, strict=True))
+    named = [Composition(f).reduced_formula for f in TEXTBOOK]
+    textbook = GapDataset.from_pairs([(f, borlido[f]) for f in named if f in borlido])
+    pred = ensemble.predict_dataset("expt", textbook)
+    metrics["textbook_n"] = float(len(textbook))
+    metrics["textbook_called_metal"] = float(np.sum(pred["gap"] <= METAL_THRESHOLD))
+    metrics["textbook_mae"] = float(np.mean(np.abs(pred["gap"] - textbook.gap)))
+    metrics["textbook_pbe_called_metal"] = float(
+        np.sum(ensemble.predict_dataset("pbe", textbook)["gap"] <= METAL_THRESHOLD)
+    )
+    return metrics
+
+
+def recalibrate(config: BandGapConfig, path: str | Path | None = None) -> dict[str, Any]:
+    """Recalibrate a trained ensemble (default: ``config.output``) on its validation compositions without
+    retraining (P(metal), sigma, conformal interval), evaluate it, write it back. Returns the metrics."""
+    path = Path(path or config.output)
+    ensemble = GapEnsemble.load(path)
+    data = build_datasets(config)
+    fitted = calibrate_ensemble(ensemble, {"pbe": data["mp_val"], "expt": data["expt_val"]})
+    metrics = evaluate_ensemble(ensemble, data) | fitted
+    ensemble.info = dict(
+        ensemble.info, metrics=metrics, recalibrated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
+    ensemble.save(path)
     return metrics
 
 
@@ -241,15 +322,9 @@ def run_train_gap(config: BandGapConfig, resume: bool = True, only_members: list
                 "counts": counts,
             }
         ensemble = GapEnsemble(config.model, members)
-        for fidelity, val in (("pbe", data["mp_val"]), ("expt", data["expt_val"])):
-            if len(val):  # calibration on validation compositions: the metal cut first, then sigma around it
-                outputs = ensemble.outputs(fidelity, val)
-                ensemble.metal_cut[fidelity] = fit_metal_cut(outputs, val.gap)
-                raw = combine_members(outputs, metal_cut=ensemble.metal_cut[fidelity])
-                ensemble.sigma_scale[fidelity] = fit_sigma_scale(raw["gap"] - val.gap, raw["std"])
-        metrics = evaluate_ensemble(ensemble, data)
-        metrics.update({f"sigma_scale_{f}": s for f, s in ensemble.sigma_scale.items()})
-        metrics.update({f"metal_cut_{f}": c for f, c in ensemble.metal_cut.items()})
+        # calibration on validation compositions: P(metal), sigma, the conformal interval (materials.bandgap)
+        fitted = calibrate_ensemble(ensemble, {"pbe": data["mp_val"], "expt": data["expt_val"]})
+        metrics = evaluate_ensemble(ensemble, data) | fitted
         seconds = time.perf_counter() - start
         metrics["train_seconds"] = seconds
         ensemble.info = {
@@ -317,10 +392,15 @@ def _register_model(tracker: Tracker, ensemble_path: Path, name: str) -> None:
 
 
 def predict_gap_csv(
-    input_csv: str | Path, formula_column: str, out_csv: str | Path, model_path: str | Path | None = None
+    input_csv: str | Path,
+    formula_column: str,
+    out_csv: str | Path,
+    model_path: str | Path | None = None,
+    metal_prior: float | str | None = None,
 ) -> dict[str, int]:
-    """Predict gaps for every row of a CSV and write the input columns plus ``gap_pbe, gap_pbe_std, gap_expt,
-    gap_expt_std, p_metal`` (eV; p_metal a probability) and ``error`` (why a row has no prediction).
+    """Predict gaps for every row of a CSV and write the input columns plus
+    :data:`materials.bandgap.PREDICTION_COLUMNS`, ``metal_prior`` and ``error`` (why a row has no prediction).
+    ``metal_prior`` as in :func:`materials.bandgap.predict_gaps`.
 
     Returns:
         ``{"n_rows", "n_ok", "n_failed"}``.
@@ -337,8 +417,8 @@ def predict_gap_csv(
         rows = list(reader)
     if formula_column not in columns:
         raise ValueError(f"{input_csv}: no column {formula_column!r}; columns are {columns}")
-    predictions = predict_gaps([row[formula_column] for row in rows], model_path=model_path)
-    added = [*PREDICTION_COLUMNS, "error"]
+    predictions = predict_gaps([row[formula_column] for row in rows], model_path=model_path, metal_prior=metal_prior)
+    added = [*PREDICTION_COLUMNS, "metal_prior", "error"]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as handle:

@@ -15,6 +15,31 @@ from pipelines.config import TrackingSettings
 
 #: Default prediction column for each property, in semidisc's own outputs (screen results.csv, dft_results.csv).
 DEFAULT_COLUMNS = {"formation_energy": ("e_form_per_atom",), "band_gap": ("gap_pbe", "band_gap", "gap_expt")}
+#: Band-gap prediction columns by the level of theory they estimate (``band_gap`` of dft_results.csv: its
+#: ``functional`` column decides).
+GAP_COLUMN_FIDELITY = {"gap_expt": "experiment", "gap_expt_nonmetal": "experiment", "gap_pbe": "PBE"}
+#: Default band-gap column per reference fidelity, first present wins.
+GAP_COLUMNS_FOR = {"experiment": ("gap_expt", "band_gap"), "PBE": ("gap_pbe", "band_gap")}
+
+
+def reference_fidelity(ref) -> str:
+    """``experiment`` when every row of a band-gap reference is a measurement, else its (first) method."""
+    methods = {str(r.method).strip() for r in ref.rows}
+    if not methods or all(m.lower() in ("experiment", "experimental", "exp", "lab") for m in methods):
+        return "experiment"
+    return sorted(methods)[0]
+
+
+def prediction_fidelity(path: Path, column: str) -> str | None:
+    """The level of theory of a band-gap prediction column (None when it cannot be told)."""
+    if column in GAP_COLUMN_FIDELITY:
+        return GAP_COLUMN_FIDELITY[column]
+    with path.open(newline="") as handle:
+        functionals = {(row.get("functional") or "").strip() for row in csv.DictReader(handle)} - {""}
+    if len(functionals) == 1:
+        functional = functionals.pop()
+        return "PBE" if functional.upper() == "PBE" else functional
+    return None
 
 
 class ValidationInputError(ValueError):
@@ -100,6 +125,34 @@ def read_predictions(path: Path, prop: str, column: str | None = None) -> tuple[
     return predictions, skipped
 
 
+def _gap_column(path: Path, ref, column: str | None, allow_mismatch: bool) -> str:
+    """The band-gap column to compare with ``ref``: like with like by default (``gap_expt`` against measurements,
+    ``gap_pbe`` against PBE); a PBE-vs-experiment comparison only when asked for explicitly.
+
+    Raises:
+        ValidationInputError: the fidelities differ and ``allow_mismatch`` is false, or no column fits.
+    """
+    with path.open(newline="") as handle:
+        columns = list(csv.DictReader(handle).fieldnames or [])
+    wanted = reference_fidelity(ref)
+    if column is None:
+        candidates = GAP_COLUMNS_FOR.get(wanted, ("band_gap",))
+        column = next((c for c in candidates if c in columns), None)
+        if column is None:
+            raise ValidationInputError(
+                f"{path}: no {wanted} band-gap column to compare with {ref.name} (tried {', '.join(candidates)}); "
+                f"pass --column, one of: {', '.join(columns)}"
+            )
+    have = prediction_fidelity(path, column) if column in columns else None
+    if have is not None and have.lower() != wanted.lower() and not allow_mismatch:
+        raise ValidationInputError(
+            f"{path}: column {column!r} holds {have} gaps but {ref.name} holds {wanted} ones: comparing them measures "
+            f"the method gap (PBE underestimates gaps by ~1 eV), not the prediction. Use a {wanted} column "
+            f"({', '.join(GAP_COLUMNS_FOR.get(wanted, ()))}) or pass --allow-fidelity-mismatch"
+        )
+    return column
+
+
 def run_validation(
     predictions: str,
     reference: str,
@@ -109,6 +162,7 @@ def run_validation(
     column: str | None = None,
     by: str = "auto",
     tracking: TrackingSettings | None = None,
+    allow_fidelity_mismatch: bool = False,
 ) -> ValidationSummary:
     """Match, compute metrics, write ``report.md``/``report.html`` + plots in ``out_dir``, log to MLflow."""
     from pipelines.tracking import Tracker, git_commit
@@ -116,12 +170,14 @@ def run_validation(
     tracking = tracking or TrackingSettings(experiment="semidisc-validate")
     prop = canonical_property(prop)
     path = _resolve_predictions_csv(predictions, tracking)
-    preds, skipped = read_predictions(path, prop, column)
     ref = load_reference(reference, prop, method=method)
+    if prop == "band_gap":
+        column = _gap_column(path, ref, column, allow_fidelity_mismatch)
+    preds, skipped = read_predictions(path, prop, column)
     result = match(preds, ref, by=by)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{prop.replace('_', ' ')}: {path.name} vs {ref.name}"
+    title = f"{prop.replace('_', ' ')}: {path.name}" + (f" column {column}" if column else "") + f" vs {ref.name}"
     with path.open(newline="") as handle:  # a screen's energies: say which convention put them on MP's scale
         conventions = sorted({row.get("energy_convention") or "" for row in csv.DictReader(handle)} - {""})
     if conventions and prop == "formation_energy":

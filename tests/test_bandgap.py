@@ -12,15 +12,20 @@ import pytest
 import torch
 
 from materials.bandgap import (
+    GAP_SOURCE,
     BandGapError,
     GapDataset,
     GapModelSettings,
     GapNet,
     GapTrainSettings,
+    MetalCalibration,
     anchor_loss,
+    chemistry_features,
     collate_graphs,
     combine_members,
     composition_graph,
+    conformal_scale,
+    estimate_pool_prior,
     finetune_expt_model,
     formula_elements,
     gap_metrics,
@@ -203,7 +208,8 @@ def test_predict_gap_cli_keeps_going_past_a_bad_row(tmp_path, capsys):
     assert "2/4 rows predicted" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
     assert [r["name"] for r in rows] == ["a", "b", "c", "d"]
-    assert {"gap_pbe", "gap_pbe_std", "gap_expt", "gap_expt_std", "p_metal", "error"} <= set(rows[0])
+    assert {"gap_pbe", "gap_pbe_std", "gap_expt", "gap_expt_lo", "gap_expt_hi", "p_metal", "error"} <= set(rows[0])
+    assert rows[0]["gap_source"] == "composition"
     assert 2.5 < float(rows[0]["gap_expt"]) < 4.5 and rows[0]["error"] == ""
     assert 1.0 < float(rows[3]["gap_expt"]) < 2.2
     assert "Xx" in rows[1]["error"] and rows[1]["gap_expt"] == ""
@@ -218,3 +224,70 @@ def test_add_gap_columns_to_results_csv(tmp_path):
     rows = list(csv.DictReader(results.open()))
     assert 1.0 < float(rows[0]["gap_expt"]) < 2.2 and rows[0]["status"] == "ok"
     assert rows[1]["gap_expt"] == ""
+
+
+# ----------------------------------------------------------------------------------- calibrated metal call, intervals
+
+
+def test_chemistry_features_by_hand():
+    feats = chemistry_features(["NaCl", "Cu3Au", "Si", "GaAs"])
+    assert feats[0, 0] == 1.0 and feats[0, 1] == pytest.approx(3.16 - 0.93)  # Pauling: Cl 3.16, Na 0.93
+    assert feats[1, 0] == 0.0  # an intermetallic is not charge balanced
+    assert feats[2].tolist() == [0.0, 0.0]  # an element: neither
+    assert feats[3, 0] == 1.0
+
+
+def test_metal_calibration_prior_shift_is_bayes_rule():
+    cal = MetalCalibration(weights=(1.0, -2.0, -0.5, 0.0), bias=0.3, prior_fit=0.5)
+    p = np.array([0.2, 0.6, 0.9])
+    chem = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 0.5]])
+    logit = np.log(p / (1 - p)) * 1.0 - 2.0 * chem[:, 0] - 0.5 * chem[:, 1] + 0.3
+    assert cal.probability(p, chem) == pytest.approx(1 / (1 + np.exp(-logit)))
+    assert cal.probability(p, chem, prior=0.5) == pytest.approx(cal.probability(p, chem))
+    # odds multiply by (0.2 / 0.8) / (0.5 / 0.5) = 0.25
+    shifted = cal.probability(p, chem, prior=0.2)
+    ratio = (shifted / (1 - shifted)) / (cal.probability(p, chem) / (1 - cal.probability(p, chem)))
+    assert ratio == pytest.approx(np.full(3, 0.25))
+    assert MetalCalibration.from_dict(cal.as_dict()) == cal
+    # the EM estimate is a fixed point: the prior equals the mean shifted probability
+    pool = np.linspace(0.05, 0.95, 40)
+    prior = estimate_pool_prior(cal, pool, np.zeros((40, 2)))
+    assert np.mean(cal.probability(pool, np.zeros((40, 2)), prior)) == pytest.approx(prior, abs=1e-5)
+
+
+def test_conformal_scale_is_the_right_order_statistic():
+    error = np.arange(1, 20, dtype=float)  # 19 scores 1..19 with std 1
+    # ceil((19 + 1) * 0.9) = 18th smallest score
+    assert conformal_scale(error, np.ones(19), coverage=0.9) == 18.0
+    assert conformal_scale(-error, 2 * np.ones(19), coverage=0.5) == 5.0  # ceil(20 * 0.5) = 10th: 10 / 2
+
+
+def test_shipped_model_calls_no_textbook_semiconductor_a_metal():
+    """The 16 textbook semiconductors and insulators (all in Borlido: in no training data) are non-metals, with a
+    90 % interval around the reported gap; numbers from the composition alone, and the row says so."""
+    formulas = [
+        "Si",
+        "Ge",
+        "C",
+        "GaAs",
+        "GaP",
+        "InP",
+        "InAs",
+        "AlAs",
+        "CdTe",
+        "ZnS",
+        "ZnO",
+        "GaN",
+        "AlN",
+        "MgO",
+        "LiF",
+        "CuInSe2",
+    ]
+    rows = predict_gaps(formulas)
+    for r in rows:
+        assert r["p_metal"] < 0.5 and r["gap_expt"] > 0, r["formula"]
+        assert r["gap_expt_lo"] <= r["gap_expt"] <= r["gap_expt_hi"] and r["gap_expt_lo"] >= 0
+        assert r["gap_source"] == GAP_SOURCE == "composition"
+    metrics = torch.load(shipped_model_path(), weights_only=True)["info"]["metrics"]
+    assert 0.88 <= metrics["expt_test_coverage90"] <= 0.92 and 0.88 <= metrics["mp_test_coverage90"] <= 0.92
+    assert metrics["textbook_called_metal"] == 0
