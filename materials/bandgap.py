@@ -30,6 +30,7 @@ import copy
 import functools
 import hashlib
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -173,6 +174,23 @@ def formula_elements(formula: str) -> tuple[str, np.ndarray, np.ndarray]:
         raise BandGapError(f"formula {formula!r}: element Z={int(z.max())} is beyond the model's Z <= {MAX_Z}")
     w = np.array([amounts[s] for s in symbols], dtype=np.float64)
     return comp.reduced_formula, z, (w / w.sum()).astype(np.float32)
+
+
+@functools.cache
+def training_elements() -> frozenset[str]:
+    """Element symbols found in the compositions of the data files the ensemble is trained from (read once per
+    process): the Materials Project PBE gaps and Zhuo's experimental gaps that :mod:`pipelines.train_gap` splits
+    into train/validation/test. 87 elements, H to Pu without Ne, Ar, Po, At, Rn, Fr, Ra. Every element has an
+    embedding row (Z <= 118), but one absent from these files has an embedding no training composition ever
+    shaped, so :func:`predict_gaps` gives no number for it. A superset of what one ensemble saw: an element present
+    only in held-out compositions passes."""
+    from materials.reference import MP_GAPS_FILE, ZHUO_FILE, read_packaged_csv
+
+    symbols: set[str] = set()
+    for name, column in ((MP_GAPS_FILE, "pretty_formula"), (ZHUO_FILE, "composition")):
+        for row in read_packaged_csv(name):  # plain formulas: their capitalised tokens are the element symbols
+            symbols.update(re.findall(r"[A-Z][a-z]?", row[column]))
+    return frozenset(symbols)
 
 
 def composition_graph(formula: str) -> Data:
@@ -850,8 +868,9 @@ def predict_gaps(
     ``p_metal`` (calibrated probability that the experimental gap is 0), ``gap_expt_nonmetal`` (eV: the
     experimental gap if the compound is not a metal, the regression alone), ``gap_source`` (``composition``: the
     formula is all the model sees, so polymorphs share these numbers), ``p_metal_pbe``, ``metal_prior`` (the metal
-    fraction assumed for the population) and ``error`` (None, or why the formula could not be read; its numbers
-    are then NaN). A bad formula does not stop the batch.
+    fraction assumed for the population) and ``error`` (None, or why the formula could not be read or holds an
+    element outside the training data, :func:`training_elements`; its numbers are then NaN). A bad formula does
+    not stop the batch.
 
     ``metal_prior``: None (default), the calibration data's metal fraction: P(metal) already conditions on charge
     balance, which carries the shift to a screening pool (see :class:`MetalCalibration`); a number or ``"pool"``
@@ -861,6 +880,7 @@ def predict_gaps(
         BandGapError: the model file is missing or unusable.
     """
     ensemble = load_ensemble(None if model_path is None else str(model_path))
+    known = training_elements()
     rows: list[dict[str, Any]] = []
     pairs, where = [], []
     for i, formula in enumerate(formulas):
@@ -870,6 +890,12 @@ def predict_gaps(
         row["error"] = None
         try:
             reduced, z, w = formula_elements(formula)
+            untrained = [symbol for symbol in (Element.from_Z(int(k)).symbol for k in z) if symbol not in known]
+            if untrained:
+                raise BandGapError(
+                    f"formula {formula!r}: element(s) {', '.join(untrained)} absent from the model's training data "
+                    "(MP PBE and Zhuo experimental gaps); no prediction"
+                )
         except BandGapError as exc:
             row["error"] = str(exc)
         else:

@@ -213,6 +213,63 @@ def reduced_formula(formula: str) -> str:
     return reduced
 
 
+#: Lower-case element symbol -> symbol, for reading formulas typed in the wrong case.
+_SYMBOLS_BY_LOWER = {el.symbol.lower(): el.symbol for el in Element}
+
+
+def recapitalised_formulas(formula: str, limit: int = 3) -> list[str]:
+    """Spellings of an unparseable ``formula`` that differ only in letter case and do parse (``si`` -> ``Si``,
+    ``SI``; ``GAAS`` -> ``GaAs``), at most ``limit``. Empty when ``formula`` parses as written or no re-casing of it
+    reads as real elements (``Xx2``), so a non-empty answer means "a case typo".
+
+    Most likely first: fewest elements heavier than Bi (``Ba(NO3)2`` before nobelium ``Ba(No3)2``), then fewest
+    element symbols as written (``Si`` before ``SI``, ``CoO2`` before ``COO2``)."""
+    text = formula.strip()
+    if not any(c.isalpha() for c in text):
+        return []
+    try:
+        reduced_formula(text)
+        return []
+    except ValueError:
+        pass
+    readings: dict[str, tuple[str, ...]] = {}
+
+    def walk(i: int, built: str, symbols: tuple[str, ...]) -> None:
+        if len(readings) >= 64:  # long all-caps strings have many readings; the first few are what we show
+            return
+        if i == len(text):
+            readings.setdefault(built, symbols)
+            return
+        if not text[i].isalpha():
+            walk(i + 1, built + text[i], symbols)
+            return
+        for width in (2, 1):
+            chunk = text[i : i + width]
+            if len(chunk) == width and chunk.isalpha() and chunk.lower() in _SYMBOLS_BY_LOWER:
+                symbol = _SYMBOLS_BY_LOWER[chunk.lower()]
+                walk(i + width, built + symbol, (*symbols, symbol))
+
+    walk(0, "", ())
+    ranked = []
+    for reading, symbols in readings.items():
+        try:
+            reduced_formula(reading)
+        except ValueError:
+            continue
+        heavy = sum(Element(s).Z > Element("Bi").Z for s in set(symbols))
+        ranked.append(((heavy, len(symbols), reading), reading))
+    return [reading for _, reading in sorted(ranked)[:limit]]
+
+
+def case_hint(formula: str) -> str:
+    """``"; formulas are case-sensitive: did you mean 'Si' (or 'SI')?"`` for a case typo, else ``""``."""
+    readings = recapitalised_formulas(formula)
+    if not readings:
+        return ""
+    others = f" (or {', '.join(map(repr, readings[1:]))})" if len(readings) > 1 else ""
+    return f"; formulas are case-sensitive: did you mean {readings[0]!r}{others}?"
+
+
 def canonical_property(name: str) -> str:
     """``band_gap`` or ``formation_energy`` for any accepted spelling (``PROPERTY_ALIASES``).
 
@@ -225,7 +282,8 @@ def canonical_property(name: str) -> str:
     return PROPERTY_ALIASES[key]
 
 
-def _read_packaged_csv(name: str) -> list[dict[str, str]]:
+def read_packaged_csv(name: str) -> list[dict[str, str]]:
+    """Rows of a gzipped CSV shipped in ``materials/data`` (as strings)."""
     # csv module, not pandas: pandas reads sodium nitride's formula "NaN" as a missing value
     with resources.files("materials.data").joinpath(name).open("rb") as raw:
         text = gzip.decompress(raw.read()).decode()
@@ -251,7 +309,7 @@ def borlido_methods() -> list[str]:
 
 
 def _borlido(method: str | None) -> ReferenceSet:
-    records = _read_packaged_csv(BORLIDO_FILE)
+    records = read_packaged_csv(BORLIDO_FILE)
     methods = [c for c in records[0] if c not in _BORLIDO_META_COLUMNS]
     wanted = "experiment" if method is None else method.strip()
     if wanted.lower() in ("experiment", "experimental", "exp"):
@@ -294,7 +352,7 @@ def _zhuo() -> ReferenceSet:
             method="experiment",
             source=ZHUO_CITATION,
         )
-        for rec in _read_packaged_csv(ZHUO_FILE)
+        for rec in read_packaged_csv(ZHUO_FILE)
     ]
     notes = ["Eg = 0 marks a metal; repeated measurements of a formula are averaged when matching"]
     return ReferenceSet("zhuo", "band_gap", rows, "mean", ZHUO_CITATION, notes)
@@ -313,7 +371,7 @@ def _mp(prop: str) -> ReferenceSet:
         ]
     else:
         rows = []
-        for rec in _read_packaged_csv(MP_GAPS_FILE):
+        for rec in read_packaged_csv(MP_GAPS_FILE):
             mid = rec["task_id"]
             rows.append(
                 ReferenceRow(
@@ -519,7 +577,10 @@ def _lab_row(rec: dict[str, str], line: int, folder: Path, file_name: str) -> tu
         try:
             formula = reduced_formula(formula_text)
         except ValueError:
-            errors.append(f"{where}: formula {formula_text!r} cannot be parsed; write it like CuInSe2 or Li0.5CoO2")
+            errors.append(
+                f"{where}: formula {formula_text!r} cannot be parsed; write it like CuInSe2 or Li0.5CoO2"
+                + case_hint(formula_text)
+            )
     if structure_text:
         structure, error = _lab_structure(structure_text, folder)
         if error:

@@ -14,7 +14,12 @@ policy, recorded on each pair:
   polymorph agrees.
 
 Every prediction is matched on its own, so several predicted polymorphs of one formula share one reference
-value; the report counts those.
+value; the report counts those. Reference rows of one formula that are treated as the same material (``mean``,
+``closest``) but lie further apart than :data:`DUPLICATE_SPREAD_TOLERANCE` are listed as conflicts, with the
+values and how they were combined.
+
+Prediction rows that never reached matching (no value, a failed calculation, a negative band gap: the caller
+decides and passes them as :class:`SkippedPrediction`) count in the coverage denominator and are listed too.
 
 Plots draw on ``matplotlib.figure.Figure`` (never pyplot), so a notebook's backend is left alone.
 """
@@ -48,6 +53,11 @@ REFERENCE_WITHOUT_STRUCTURE = "reference has this formula but no structure for i
 OTHER_POLYMORPH = "reference has this formula only as other polymorphs (structures do not match)"
 
 _QUANTITY = {"band_gap": "band gap", "formation_energy": "formation energy"}
+
+#: Largest spread (max - min, in the property's unit) of reference rows combined as one material before the
+#: report warns that they conflict: 0.1 eV for band gaps (about the scatter of repeated optical measurements of one
+#: compound, e.g. GaAs 1.42-1.52 eV), 0.05 eV/atom for formation energies (about calorimetry's stated errors).
+DUPLICATE_SPREAD_TOLERANCE = {"band_gap": 0.1, "formation_energy": 0.05}
 
 
 @dataclass
@@ -101,6 +111,51 @@ class UnmatchedPrediction:
 
 
 @dataclass
+class SkippedPrediction:
+    """A prediction row left out before matching, and why (it still counts in the coverage denominator).
+
+    Attributes:
+        id: the row's id.
+        formula: as written (None when the row has none).
+        value: the prediction cell as written (may be empty or not a number).
+        reason: why the row has no usable value.
+    """
+
+    id: str
+    formula: str | None
+    value: str
+    reason: str
+
+
+@dataclass
+class DuplicateConflict:
+    """Reference rows of one formula, treated as one material, whose values spread beyond the tolerance.
+
+    Attributes:
+        formula: pymatgen reduced formula.
+        reference_ids: the rows, in reference order.
+        values: their values (reference unit), same order.
+        policy: the duplicate policy in force (``mean``, ``closest``, ``ground_state``).
+        resolution: what it did for the (first) prediction of this formula: ``mean of 3``, ``closest b of 2``, ...
+        value: the reference value that prediction was compared with.
+        tolerance: the spread allowed (:data:`DUPLICATE_SPREAD_TOLERANCE`).
+    """
+
+    formula: str
+    reference_ids: list[str]
+    values: list[float]
+    policy: str
+    resolution: str
+    value: float
+    tolerance: float
+
+    @property
+    def spread(self) -> float:
+        """max - min of ``values`` (reference unit)."""
+        return max(self.values) - min(self.values)
+
+
+@dataclass
 class MatchResult:
     """Output of :func:`match`: the pairs, and everything that was not paired."""
 
@@ -114,10 +169,13 @@ class MatchResult:
     unmatched_reference: list[ReferenceRow]
     reference_source: str = ""
     reference_notes: list[str] = field(default_factory=list)
+    skipped: list[SkippedPrediction] = field(default_factory=list)
+    duplicate_conflicts: list[DuplicateConflict] = field(default_factory=list)
 
     @property
     def n_predictions(self) -> int:
-        return len(self.pairs) + len(self.unmatched_predictions)
+        """Every prediction row: matched, unmatched and skipped (the coverage denominator)."""
+        return len(self.pairs) + len(self.unmatched_predictions) + len(self.skipped)
 
 
 def _resolve(rows: Sequence[ReferenceRow], policy: str, predicted: float) -> tuple[list[ReferenceRow], str]:
@@ -155,6 +213,7 @@ def match(
     by: str = "auto",
     duplicates: str | None = None,
     matcher: StructureMatcher | None = None,
+    skipped: Sequence[SkippedPrediction] = (),
 ) -> MatchResult:
     """Pair predictions with reference values.
 
@@ -168,10 +227,13 @@ def match(
         duplicates: override ``reference.duplicate_policy`` (``mean``, ``ground_state``, ``closest``).
         matcher: pymatgen StructureMatcher; default tolerances, volumes scaled (so a strained or differently
             relaxed cell of the same polymorph still matches).
+        skipped: prediction rows the caller left out (no usable value); kept in the result, counted in coverage.
 
     Returns:
         A :class:`MatchResult`; every prediction is either in ``pairs`` or in ``unmatched_predictions`` with a
-        reason, and every reference row not behind any pair is in ``unmatched_reference``.
+        reason, and every reference row not behind any pair is in ``unmatched_reference``. Formulas whose candidate
+        rows were combined as one material (any resolution but ``unique`` and ``ground state``) while spreading
+        beyond :data:`DUPLICATE_SPREAD_TOLERANCE` are in ``duplicate_conflicts``, once per set of rows.
     """
     if by not in MATCH_MODES:
         raise ValueError(f"{by=} is not one of {MATCH_MODES}")
@@ -189,6 +251,8 @@ def match(
     pairs: list[MatchedPair] = []
     unmatched: list[UnmatchedPrediction] = []
     used: set[str] = set()
+    tolerance = DUPLICATE_SPREAD_TOLERANCE[reference.property]
+    conflicts: dict[tuple[str, ...], DuplicateConflict] = {}
     for pred in predictions:
         formula, reason = _prediction_formula(pred)
         if reason is None and not math.isfinite(pred.value):
@@ -206,6 +270,12 @@ def match(
         chosen, resolution = _resolve(rows, policy, pred.value)
         value, uncertainty = _combine(chosen)
         used.update(r.id for r in chosen)
+        values = [r.value for r in rows]
+        # ground state picks one polymorph among distinct materials: their values may differ, nothing conflicts
+        same_material = not resolution.startswith(("unique", "ground state"))
+        key = tuple(r.id for r in rows)
+        if same_material and max(values) - min(values) > tolerance and key not in conflicts:
+            conflicts[key] = DuplicateConflict(formula, list(key), values, policy, resolution, value, tolerance)
         pairs.append(MatchedPair(pred, formula, value, uncertainty, [r.id for r in chosen], matched_by, resolution))
     return MatchResult(
         reference_name=reference.name,
@@ -218,6 +288,8 @@ def match(
         unmatched_reference=[r for r in reference.rows if r.id not in used],
         reference_source=reference.source,
         reference_notes=list(reference.notes),
+        skipped=list(skipped),
+        duplicate_conflicts=list(conflicts.values()),
     )
 
 
@@ -306,7 +378,7 @@ def regression_metrics(
 
 
 def match_metrics(result: MatchResult) -> dict[str, Any]:
-    """:func:`regression_metrics` of a match, coverage counted over all its predictions."""
+    """:func:`regression_metrics` of a match, coverage counted over all its prediction rows (skipped ones too)."""
     return regression_metrics(
         [p.prediction.value for p in result.pairs],
         [p.reference_value for p in result.pairs],
@@ -457,6 +529,14 @@ WORST_SHOWN = 10
 UNMATCHED_SHOWN = 50
 
 
+def _ids(ids: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (" …" if len(ids) > shown else "")
+
+
+def _values(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "—"
@@ -474,9 +554,10 @@ def write_report(
     """Write the validation report of a match into ``out_dir`` and return the path of ``report.md``.
 
     Files: ``report.md`` and ``report.html`` (same content: summary, metrics, optional stability
-    classification from :func:`classification_metrics`, plots, worst items, duplicate resolution, unmatched
-    lists), ``parity.png`` and ``residuals.png`` (when anything matched), ``matches.csv``,
-    ``unmatched_predictions.csv`` and ``unmatched_reference.csv`` (every row; the report shows the first ones).
+    classification from :func:`classification_metrics`, plots, worst items, duplicate resolution and conflicting
+    reference values, skipped and unmatched lists), ``parity.png`` and ``residuals.png`` (when anything matched),
+    ``matches.csv``, ``skipped_predictions.csv``, ``unmatched_predictions.csv``, ``unmatched_reference.csv`` and
+    ``duplicate_conflicts.csv`` (every row; the report shows the first ones).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,16 +602,28 @@ def _report_blocks(
     summary = (
         f"Reference: {result.reference_name} ({result.reference_source or 'no source given'}); property "
         f"{result.property} in {unit}. Matched by {result.by}; several reference rows per formula resolved by "
-        f"'{result.duplicate_policy}'. {result.n_predictions} predictions: {len(result.pairs)} matched, "
-        f"{len(result.unmatched_predictions)} unmatched; {len(result.unmatched_reference)} reference rows unused."
+        f"'{result.duplicate_policy}'. {result.n_predictions} prediction rows: {len(result.pairs)} matched, "
+        f"{len(result.unmatched_predictions)} unmatched, {len(result.skipped)} skipped (no usable value); "
+        f"{len(result.unmatched_reference)} reference rows unused."
     )
     blocks: list[_Block] = [("h1", title), ("p", summary)]
     blocks += [("p", f"Note: {note}") for note in result.reference_notes]
+    if result.duplicate_conflicts:
+        first = result.duplicate_conflicts[0]
+        blocks.append(
+            (
+                "p",
+                f"Warning: {len(result.duplicate_conflicts)} reference formula(s) hold values further apart than "
+                f"{first.tolerance} {unit} and were combined by '{result.duplicate_policy}' (see Conflicting "
+                f"reference values), e.g. {first.formula}: {_values(first.values)} {unit} -> {first.resolution} "
+                f"= {first.value:.3f} {unit}.",
+            )
+        )
 
     labels = {
         "n": "matched pairs",
-        "n_predictions": "predictions",
-        "coverage": "coverage (matched / predictions)",
+        "n_predictions": "prediction rows (matched, unmatched and skipped)",
+        "coverage": "coverage (matched / all prediction rows)",
         "mae": f"MAE ({unit})",
         "rmse": f"RMSE ({unit})",
         "r2": "R²",
@@ -574,7 +667,7 @@ def _report_blocks(
                     _fmt(p.reference_value),
                     _fmt(p.error),
                     p.matched_by,
-                    ", ".join(p.reference_ids[:5]) + (" …" if len(p.reference_ids) > 5 else ""),
+                    _ids(p.reference_ids),
                     p.resolution,
                 ]
                 for p in worst
@@ -591,6 +684,40 @@ def _report_blocks(
             "of one formula, each compared with the same reference).",
         ),
         ("table", ["resolution", "pairs"], [[k, str(v)] for k, v in sorted(kinds.items())]),
+    ]
+    conflicts = result.duplicate_conflicts[:UNMATCHED_SHOWN]
+    tolerance = DUPLICATE_SPREAD_TOLERANCE.get(result.property)
+    blocks += [
+        (
+            "h2",
+            f"Conflicting reference values ({len(result.duplicate_conflicts)}; all in duplicate_conflicts.csv)",
+        ),
+        (
+            "p",
+            f"Reference rows of one formula treated as one material whose values spread (max - min) more than "
+            f"{tolerance} {unit}; check them before trusting the comparison.",
+        ),
+        (
+            "table",
+            ["formula", f"values ({unit})", "reference rows", f"spread ({unit})", "combined by", f"used ({unit})"],
+            [
+                [c.formula, _values(c.values), _ids(c.reference_ids), _fmt(c.spread), c.resolution, _fmt(c.value)]
+                for c in conflicts
+            ],
+        ),
+    ]
+
+    skipped_reasons = Counter(s.reason for s in result.skipped)
+    skipped_shown = result.skipped[:UNMATCHED_SHOWN]
+    blocks += [
+        ("h2", f"Skipped predictions ({len(result.skipped)}; all in skipped_predictions.csv)"),
+        ("p", "Rows without a usable value: never matched, counted in the coverage denominator."),
+        ("table", ["reason", "count"], [[r, str(c)] for r, c in skipped_reasons.most_common()]),
+        (
+            "table",
+            ["id", "formula", "value as written", "reason"],
+            [[s.id, s.formula or "", s.value, s.reason] for s in skipped_shown],
+        ),
     ]
 
     reasons = Counter(u.reason for u in result.unmatched_predictions)
@@ -720,6 +847,27 @@ def _write_unmatched_csvs(result: MatchResult, out: Path) -> None:
         writer.writerow(["prediction_id", "formula", "predicted", "reason"])
         for u in result.unmatched_predictions:
             writer.writerow([u.prediction.id, u.prediction.formula or "", _num(u.prediction.value), u.reason])
+    with (out / "skipped_predictions.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prediction_id", "formula", "value", "reason"])
+        for s in result.skipped:
+            writer.writerow([s.id, s.formula or "", s.value, s.reason])
+    with (out / "duplicate_conflicts.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["formula", "reference_ids", "values", "spread", "tolerance", "policy", "resolution", "used"])
+        for c in result.duplicate_conflicts:
+            writer.writerow(
+                [
+                    c.formula,
+                    ";".join(c.reference_ids),
+                    ";".join(_num(v) for v in c.values),
+                    _num(c.spread),
+                    _num(c.tolerance),
+                    c.policy,
+                    c.resolution,
+                    _num(c.value),
+                ]
+            )
     with (out / "unmatched_reference.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["reference_id", "formula", "value", "uncertainty", "method", "source", "mp_id"])

@@ -19,14 +19,22 @@ import numpy as np
 
 from materials.features import featurize_formulas, site_element_columns
 from materials.optimize import AcquisitionSettings, WindowObjective, expected_random_evaluations, simulate_campaign
+from materials.reference import finite_float
 
 
 class BenchmarkError(ValueError):
     """Bad benchmark input (missing column, no usable rows, too few hits)."""
 
 
+#: Skipped rows listed by ``format_report`` (``report_json`` lists all).
+SKIPPED_SHOWN = 20
+
+
 @dataclass
 class LabelledPool:
+    """A featurised pool. ``skipped``: one dict per row left out, ``{"row", "id", "formula", "reason"}`` (``row``
+    counts data rows from 0; ``id`` is the id column's value, else ``row<N>`` as in a campaign's pool)."""
+
     formulas: list[str]
     features: np.ndarray
     labels: dict[str, np.ndarray]
@@ -49,10 +57,12 @@ def load_labelled_pool(
     feature_set: str = "both",
     gap_model: bool | str = False,
     oxidation: bool = False,
+    id_column: str | None = None,
 ) -> LabelledPool:
-    """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with the reason.
-    ``feature_set``: ``composition``, ``ordered``, ``both`` or ``sites``; ``gap_model``: add the band-gap model's
-    predictions; ``oxidation``: add the oxidation-state features (:func:`materials.features.featurize_formulas`)."""
+    """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with their id and
+    reason. ``feature_set``: ``composition``, ``ordered``, ``both`` or ``sites``; ``gap_model``: add the band-gap
+    model's predictions; ``oxidation``: add the oxidation-state features
+    (:func:`materials.features.featurize_formulas`); ``id_column``: names skipped rows (default ``row<N>``)."""
     from pipelines.campaign import read_csv_rows
 
     path = Path(path)
@@ -62,21 +72,28 @@ def load_labelled_pool(
     if not rows:
         raise BenchmarkError(f"{path}: no rows")
     available = list(rows[0])
-    missing = [c for c in [formula_column, *columns] if c not in available]
+    missing = [c for c in [formula_column, *columns, *([id_column] if id_column else [])] if c not in available]
     if missing:
         raise BenchmarkError(
             f"{path}: no column(s) {', '.join(map(repr, missing))}; columns: {', '.join(map(repr, available))}"
         )
     skipped: list[dict[str, Any]] = []
+
+    def skip(i: int, reason: str) -> None:
+        item_id = str(rows[i][id_column]) if id_column else f"row{i}"
+        skipped.append({"row": i, "id": item_id, "formula": rows[i][formula_column], "reason": reason})
+
     usable_rows, values = [], {c: [] for c in columns}
     for i, row in enumerate(rows):
         try:
             parsed = {c: float(row[c]) for c in columns}
         except (TypeError, ValueError):
-            skipped.append({"row": i, "formula": row[formula_column], "reason": "non-numeric label"})
+            bad = ", ".join(f"{c}={row[c]!r}" for c in columns if finite_float(row[c]) is None)
+            skip(i, f"non-numeric label ({bad})")
             continue
         if not all(math.isfinite(v) for v in parsed.values()):
-            skipped.append({"row": i, "formula": row[formula_column], "reason": "non-finite label"})
+            bad = ", ".join(f"{c}={row[c]!r}" for c in columns if not math.isfinite(parsed[c]))
+            skip(i, f"non-finite label ({bad})")
             continue
         usable_rows.append(i)
         for c in columns:
@@ -84,7 +101,8 @@ def load_labelled_pool(
     formulas = [rows[i][formula_column] for i in usable_rows]
     X, names, failures, ok_index = featurize_formulas(formulas, feature_set, gap_model=gap_model, oxidation=oxidation)
     for j, reason in sorted(failures.items()):
-        skipped.append({"row": usable_rows[j], "formula": formulas[j], "reason": reason})
+        skip(usable_rows[j], reason)
+    skipped.sort(key=lambda entry: entry["row"])
     keep = np.asarray(ok_index, dtype=int)
     if keep.size == 0:
         raise BenchmarkError(f"{path}: no usable rows (every formula or label failed)")
@@ -178,6 +196,7 @@ def run_benchmark(
         "n_pool": len(pool.formulas),
         "n_rows": pool.n_rows,
         "n_skipped": len(pool.skipped),
+        "skipped": pool.skipped,
         "n_hits_pool": n_hits,
         "hits": hits,
         "seeds": seeds,
@@ -225,6 +244,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{e['max'] if e['max'] is not None else '-':>6} {accel:>7s} {e['seconds_per_iteration']:7.2f}"
         )
     lines.append(f"\n(acceleration = random median / method median; {report['seconds']:.0f} s in all)")
+    skipped = report.get("skipped", [])
+    if skipped:
+        lines.append(f"\nskipped rows ({len(skipped)}; --json lists all):")
+        for entry in skipped[:SKIPPED_SHOWN]:
+            lines.append(f"  {entry['id']:>10s} {entry['formula'] or '(no formula)':14s} {entry['reason']}")
+        if len(skipped) > SKIPPED_SHOWN:
+            lines.append(f"  ... {len(skipped) - SKIPPED_SHOWN} more")
     return "\n".join(lines)
 
 

@@ -79,7 +79,12 @@ def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int 
 def build_work_items(
     config: ScreenConfig, structures: str | None, limit: int | None
 ) -> tuple[list[WorkItem], list[dict]]:
-    """Work items plus records for inputs that failed before any simulation (unreadable files)."""
+    """Work items plus records for inputs that failed before any simulation (unreadable files).
+
+    Raises:
+        ValueError: ``limit`` below 1 (``None`` keeps every item).
+    """
+    _check_limit(limit)
     failed: list[dict] = []
     if structures:
         loaded = load_structure_dir(structures)
@@ -120,6 +125,12 @@ def build_work_items(
     if limit is not None:
         items = items[:limit]
     return items, failed
+
+
+def _check_limit(limit: int | None) -> None:
+    # a slice would read -1 as "all but the last" and 0 as "nothing" (an empty run logged to MLflow)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r}: give a whole number >= 1 of items to screen, or None for all")
 
 
 def resolve_references(config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str]) -> EnergyReferences:
@@ -212,7 +223,12 @@ def run_screen(
     resume: bool = False,
     progress: bool = True,
 ) -> ScreenSummary:
-    """Run (or resume) a screen and return its summary; results in ``<out>/results.csv``."""
+    """Run (or resume) a screen and return its summary; results in ``<out>/results.csv``.
+
+    Raises:
+        ValueError: ``limit`` below 1, before anything is written or logged.
+    """
+    _check_limit(limit)
     start = time.perf_counter()
     out = Path(out_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -397,13 +397,19 @@ def predict_gap_csv(
     out_csv: str | Path,
     model_path: str | Path | None = None,
     metal_prior: float | str | None = None,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Predict gaps for every row of a CSV and write the input columns plus
     :data:`materials.bandgap.PREDICTION_COLUMNS`, ``metal_prior`` and ``error`` (why a row has no prediction).
     ``metal_prior`` as in :func:`materials.bandgap.predict_gaps`.
 
+    One output row per input row, in order: a blank line inside the data (which ``csv.DictReader`` would drop,
+    shifting every later row) becomes a row of empty cells with an error; so does a row with more fields than the
+    header. Blank lines at the end of the file are not rows. Formulas with an element outside the model's training
+    data get an error, not a number (:func:`materials.bandgap.training_elements`).
+
     Returns:
-        ``{"n_rows", "n_ok", "n_failed"}``.
+        ``{"n_rows", "n_ok", "n_failed", "errors"}``; ``errors`` lists ``"line N: why"`` for each failed row
+        (line numbers count the header as line 1).
 
     Raises:
         FileNotFoundError: no input file. ValueError: no such column (listing the columns).
@@ -412,12 +418,34 @@ def predict_gap_csv(
     if not input_csv.is_file():
         raise FileNotFoundError(f"{input_csv}: no such file")
     with input_csv.open(newline="") as handle:  # csv module, not pandas: pandas reads the formula "NaN" as missing
-        reader = csv.DictReader(handle)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+        reader = csv.reader(handle)
+        columns = next(reader, [])
+        records = [(reader.line_num, cells) for cells in reader]
     if formula_column not in columns:
         raise ValueError(f"{input_csv}: no column {formula_column!r}; columns are {columns}")
-    predictions = predict_gaps([row[formula_column] for row in rows], model_path=model_path, metal_prior=metal_prior)
+
+    def blank(cells: list[str]) -> bool:
+        return len(cells) <= 1 and not "".join(cells).strip()
+
+    while records and blank(records[-1][1]):
+        records.pop()
+    rows, problems = [], []
+    for line, cells in records:
+        problem = None
+        if blank(cells):
+            problem = f"line {line}: blank line, no formula"
+        elif len(cells) > len(columns):
+            problem = f"line {line}: {len(cells)} fields, header has {len(columns)}; quote fields holding commas"
+        padded = (cells + [""] * len(columns))[: len(columns)]
+        rows.append(dict(zip(columns, padded, strict=True)))
+        problems.append(problem)
+    formulas = [row[formula_column] if problem is None else "" for row, problem in zip(rows, problems, strict=True)]
+    predictions = predict_gaps(formulas, model_path=model_path, metal_prior=metal_prior)
+    for pred, problem, (line, _) in zip(predictions, problems, records, strict=True):
+        if problem is not None:
+            pred["error"] = problem
+        elif pred["error"] is not None:
+            pred["error"] = f"line {line}: {pred['error']}"
     added = [*PREDICTION_COLUMNS, "metal_prior", "error"]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -426,8 +454,8 @@ def predict_gap_csv(
         writer.writeheader()
         for row, pred in zip(rows, predictions, strict=True):
             writer.writerow(row | {c: _cell(pred[c]) for c in added})
-    n_failed = sum(p["error"] is not None for p in predictions)
-    return {"n_rows": len(rows), "n_ok": len(rows) - n_failed, "n_failed": n_failed}
+    errors = [p["error"] for p in predictions if p["error"] is not None]
+    return {"n_rows": len(rows), "n_ok": len(rows) - len(errors), "n_failed": len(errors), "errors": errors}
 
 
 def _cell(value: Any) -> Any:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from materials.reference import canonical_property, load_reference
-from materials.validation import Prediction, match, match_metrics, write_report
+from materials.reference import canonical_property, case_hint, finite_float, load_reference
+from materials.validation import DuplicateConflict, Prediction, SkippedPrediction, match, match_metrics, write_report
 from pipelines.config import TrackingSettings
 
 #: Default prediction column for each property, in semidisc's own outputs (screen results.csv, dft_results.csv).
@@ -48,10 +49,15 @@ class ValidationInputError(ValueError):
 
 @dataclass
 class ValidationSummary:
+    """What ``run_validation`` produced: the report, its metrics (coverage over all prediction rows) and counts.
+    ``warnings``: lines worth printing (conflicting reference values)."""
+
     report: Path
     metrics: dict[str, Any]
     n_unmatched: int
     mlflow_run_id: str | None
+    n_skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def _resolve_predictions_csv(source: str, tracking: TrackingSettings) -> Path:
@@ -77,15 +83,28 @@ def _resolve_predictions_csv(source: str, tracking: TrackingSettings) -> Path:
     return Path(local)
 
 
-def read_predictions(path: Path, prop: str, column: str | None = None) -> tuple[list[Prediction], list[str]]:
-    """Predictions from a CSV with ``formula`` and a value column; rows without a finite value are skipped
-    (returned as messages). Uses ``<column>_std`` as the uncertainty when present; reads relaxed structures from
-    ``structures/<id>.cif`` beside the CSV when they exist (so matching can tell polymorphs apart)."""
+def read_predictions(
+    path: Path, prop: str, column: str | None = None
+) -> tuple[list[Prediction], list[SkippedPrediction]]:
+    """Predictions from a CSV with ``formula`` and a value column, checked like lab data
+    (:func:`materials.reference.load_lab_csv`) where a rule applies to a prediction.
+
+    Rows are skipped, each with its reason, when the value is not a finite number or the row's ``status`` is not
+    ``ok`` (a failed calculation), when a band gap is negative (gaps are >= 0 eV, 0 = metal; formation energies
+    have no sign rule), or when ``<column>_std`` (the uncertainty, same unit) is given but not a number >= 0.
+    Skipped rows count against coverage. Reads relaxed structures from ``structures/<id>.cif`` beside the CSV when
+    they exist (so matching can tell polymorphs apart).
+
+    Raises:
+        ValidationInputError: no rows, no such column, or formulas that parse only in another letter case
+            (``si``, ``GAAS``), every such row named with the formula it probably means.
+    """
     with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows = [(reader.line_num, row) for row in reader]  # line numbers count the header as line 1
     if not rows:
         raise ValidationInputError(f"{path}: no rows")
-    columns = list(rows[0])
+    columns = list(rows[0][1])
     if column is None:
         column = next((c for c in DEFAULT_COLUMNS.get(prop, ()) if c in columns), None)
     if column is None or column not in columns:
@@ -96,31 +115,41 @@ def read_predictions(path: Path, prop: str, column: str | None = None) -> tuple[
     if "formula" not in columns:
         raise ValidationInputError(f"{path}: needs a 'formula' column; columns: {', '.join(columns)}")
     structures_dir = path.parent / "structures"
-    predictions, skipped = [], []
-    for i, row in enumerate(rows):
+    predictions: list[Prediction] = []
+    skipped: list[SkippedPrediction] = []
+    case_errors: list[str] = []
+    for i, (line, row) in enumerate(rows):
         item_id = row.get("id") or f"row{i}"
-        try:
-            value = float(row[column])
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value) or (row.get("status") not in (None, "", "ok")):
-            skipped.append(f"{item_id}: no {column} value (status {row.get('status') or 'n/a'})")
+        text = row.get(column) or ""
+        value = finite_float(text)
+        status = row.get("status")
+        std_text = (row.get(f"{column}_std") or "").strip()
+        std = finite_float(std_text) if std_text else None
+        reason = None
+        if value is None or status not in (None, "", "ok"):
+            reason = f"no {column} value (status {status or 'n/a'})"
+        elif prop == "band_gap" and value < 0:
+            reason = "negative band gap (band gaps are >= 0 eV, 0 = metal)"
+        elif std_text and (std is None or std < 0):
+            reason = f"{column}_std {std_text!r} is not a number >= 0"
+        if reason is not None:
+            skipped.append(SkippedPrediction(item_id, row.get("formula"), text, reason))
             continue
-        std = row.get(f"{column}_std")
+        hint = case_hint(row["formula"] or "")
+        if hint:
+            case_errors.append(f"line {line} (id {item_id}): formula {row['formula']!r} cannot be parsed{hint}")
+            continue
         structure = None
         cif = structures_dir / f"{item_id}.cif"
         if cif.is_file():
             from pymatgen.core import Structure
 
             structure = Structure.from_file(cif)
-        predictions.append(
-            Prediction(
-                id=item_id,
-                formula=row["formula"],
-                value=value,
-                uncertainty=float(std) if std not in (None, "") else None,
-                structure=structure,
-            )
+        predictions.append(Prediction(item_id, row["formula"], value, std, structure))
+    if case_errors:
+        lines = "\n".join(f"  - {e}" for e in case_errors)
+        raise ValidationInputError(
+            f"{path}: {len(case_errors)} formula(s) in the wrong letter case; fix them:\n{lines}"
         )
     return predictions, skipped
 
@@ -174,7 +203,7 @@ def run_validation(
     if prop == "band_gap":
         column = _gap_column(path, ref, column, allow_fidelity_mismatch)
     preds, skipped = read_predictions(path, prop, column)
-    result = match(preds, ref, by=by)
+    result = match(preds, ref, by=by, skipped=skipped)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{prop.replace('_', ' ')}: {path.name}" + (f" column {column}" if column else "") + f" vs {ref.name}"
@@ -183,9 +212,14 @@ def run_validation(
     if conventions and prop == "formation_energy":
         title += f" (energy convention {', '.join(conventions)})"
     report = write_report(result, out, title=title)
-    if skipped:
-        (out / "skipped_predictions.txt").write_text("\n".join(skipped) + "\n")
     metrics = match_metrics(result)
+    if not result.pairs:  # metrics would be NaN: a failed validation, not a result to log
+        reasons = Counter(u.reason for u in result.unmatched_predictions) + Counter(s.reason for s in skipped)
+        why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        raise ValidationInputError(
+            f"no prediction of {path} matched {ref.name} ({result.n_predictions} rows: {why or 'none'}); nothing "
+            f"to score, nothing logged to MLflow. The lists are in {report}"
+        )
     tracker = Tracker(tracking, run_name=f"validate-{prop}-{ref.name}")
     try:
         tracker.log_params(
@@ -195,7 +229,7 @@ def run_validation(
                 "property": prop,
                 "method": method,
                 "by": by,
-                "n_predictions": len(preds),
+                "n_predictions": result.n_predictions,
                 "n_skipped": len(skipped),
             }
         )
@@ -208,4 +242,21 @@ def run_validation(
                 tracker.log_artifact(file, "validation")
     finally:
         tracker.end("FINISHED")
-    return ValidationSummary(report, metrics, len(result.unmatched_predictions), tracker.run_id)
+    return ValidationSummary(
+        report,
+        metrics,
+        len(result.unmatched_predictions),
+        tracker.run_id,
+        len(skipped),
+        [_conflict_line(c, ref.unit) for c in result.duplicate_conflicts],
+    )
+
+
+def _conflict_line(conflict: DuplicateConflict, unit: str) -> str:
+    """One printable line: the formula, its reference values and how they were combined (``unit``: eV, eV/atom)."""
+    return (
+        f"reference values of {conflict.formula} conflict: {', '.join(f'{v:.3g}' for v in conflict.values)} {unit} "
+        f"(spread {conflict.spread:.3g} > {conflict.tolerance} {unit}; rows {', '.join(conflict.reference_ids[:5])}"
+        f"{' …' if len(conflict.reference_ids) > 5 else ''}), "
+        f"combined by {conflict.policy}: {conflict.resolution} = {conflict.value:.3f} {unit}"
+    )

@@ -35,6 +35,7 @@ from materials.bandgap import (
     split_of,
     train_model,
     train_pbe_model,
+    training_elements,
 )
 from pipelines.cli import main
 from pipelines.config import ConfigError
@@ -215,6 +216,40 @@ def test_predict_gap_cli_keeps_going_past_a_bad_row(tmp_path, capsys):
     assert "Xx" in rows[1]["error"] and rows[1]["gap_expt"] == ""
     assert "empty" in rows[2]["error"]
     assert main(["predict-gap", "--input", str(src), "--formula-column", "nope", "--out", str(out)]) == 2
+
+
+def test_predict_gap_cli_keeps_blank_lines_in_place_and_refuses_untrained_elements(tmp_path, capsys):
+    """Blank lines used to vanish (every later output row shifted up by one) and Og got a confident number."""
+    assert {"H", "Si", "Pu"} <= training_elements() and not {"Og", "Ne", "Fr"} & training_elements()
+    src = tmp_path / "in.csv"
+    src.write_text("name,formula\na,GaN\n\nb,OgO2\nc,NeF2\n,\nd,Si,extra\ne,CdTe\n\n\n")
+    out = tmp_path / "out.csv"
+    assert main(["predict-gap", "--input", str(src), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2/7 rows predicted (5 with an error)" in text
+    assert "no prediction: line 3: blank line, no formula" in text
+    assert "no prediction: line 4: formula 'OgO2': element(s) Og absent from the model's training data" in text
+    rows = list(csv.DictReader(out.open()))
+    # one output row per input line between the header and the trailing blank lines, in order
+    assert [(r["name"], r["formula"]) for r in rows] == [
+        ("a", "GaN"),
+        ("", ""),
+        ("b", "OgO2"),
+        ("c", "NeF2"),
+        ("", ""),
+        ("d", "Si"),
+        ("e", "CdTe"),
+    ]
+    errors = [r["error"] for r in rows]
+    assert errors[0] == errors[6] == "" and 1.0 < float(rows[6]["gap_expt"]) < 2.2
+    assert errors[1] == "line 3: blank line, no formula"
+    assert errors[2].startswith("line 4: formula 'OgO2': element(s) Og absent") and rows[2]["gap_expt"] == ""
+    assert "element(s) Ne absent" in errors[3] and rows[3]["p_metal"] == ""
+    assert errors[4].startswith("line 6: formula '' is empty")
+    assert errors[5] == "line 7: 3 fields, header has 2; quote fields holding commas" and rows[5]["gap_pbe"] == ""
+    # the library keeps one dict per input, the untrained element named
+    og = predict_gaps(["Og", "Si"])
+    assert "Og absent" in og[0]["error"] and np.isnan(og[0]["gap_expt"]) and og[1]["error"] is None
 
 
 def test_add_gap_columns_to_results_csv(tmp_path):

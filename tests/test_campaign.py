@@ -191,3 +191,52 @@ def test_bo_benchmark_cli_forest_for_bo_hit_gp_for_the_rest(pool_csv, capsys):
     for method in ("bo-hit", "bo", "random"):  # bo ran on the GP: the forest is for bo-hit only
         evals = report["methods"][method]["evaluations_to_target"]
         assert len(evals) == 2 and all(e is None or 2 <= e <= 60 for e in evals)
+
+
+def test_bo_benchmark_names_every_skipped_row_and_why(tmp_path, capsys):
+    """It used to print "4 skipped" and nothing else."""
+    from pipelines.cli import main
+
+    with gzip.open(EMERY, "rt", newline="") as handle:
+        rows = [
+            {"id": f"emery-{r['']}", "formula": r["formula"], "gap pbe": r["gap pbe"]} for r in csv.DictReader(handle)
+        ]
+    pool = rows[::50][:60]
+    pool += [
+        {"id": "bad-formula", "formula": "Xx2O3", "gap pbe": "1.0"},
+        {"id": "no-formula", "formula": "", "gap pbe": "1.0"},
+        {"id": "text-label", "formula": "SrTiO3", "gap pbe": "n/a"},
+        {"id": "inf-label", "formula": "BaTiO3", "gap pbe": "inf"},
+    ]
+    path = tmp_path / "pool.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "formula", "gap pbe"])
+        writer.writeheader()
+        writer.writerows(pool)
+    argv = ["bo-benchmark", "--pool", str(path), "--formula-column", "formula", "--id-column", "id"]
+    argv += ["--target", "gap pbe", "--window", "0.5", "3.0", "--hits", "1", "--seeds", "1", "--methods", "random"]
+    argv += ["--n-init", "4", "--batch", "4", "--budget", "12", "--num-cpus", "1", "--plot", str(tmp_path / "t.png")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "pool: 60 usable of 64 rows (4 skipped)" in text
+    assert "skipped rows (4; --json lists all):" in text
+    lines = {
+        line.split()[0]: line
+        for line in text.splitlines()[text.splitlines().index("skipped rows (4; --json lists all):") + 1 :]
+    }
+    assert "unknown element(s)" in lines["bad-formula"] and "Xx2O3" in lines["bad-formula"]
+    assert "(no formula)" in lines["no-formula"] and "empty" in lines["no-formula"]
+    assert lines["text-label"].endswith("non-numeric label (gap pbe='n/a')")
+    assert lines["inf-label"].endswith("non-finite label (gap pbe='inf')")
+    assert (tmp_path / "t.png").is_file()
+    # the same list, every row, is what --json prints under "skipped" (rows count data rows from 0)
+    from pipelines.bo_benchmark import load_labelled_pool
+
+    skipped = load_labelled_pool(path, "formula", ["gap pbe"], "sites", id_column="id").skipped
+    assert [(s["id"], s["row"]) for s in skipped] == [
+        ("bad-formula", 60),
+        ("no-formula", 61),
+        ("text-label", 62),
+        ("inf-label", 63),
+    ]
+    assert [s["id"] for s in load_labelled_pool(path, "formula", ["gap pbe"], "sites").skipped][:1] == ["row60"]

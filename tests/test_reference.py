@@ -14,6 +14,7 @@ from materials.reference import (
     borlido_methods,
     load_lab_csv,
     load_reference,
+    recapitalised_formulas,
     reduced_formula,
 )
 
@@ -145,6 +146,7 @@ BAD_INPUTS = [
     (["GaAs,band_gap,-0.2,eV,,x"], HEADER, 2, r"negative band gap -0.2"),
     (["Ga(As,band_gap,1.5,eV,,x"], HEADER, 2, r"formula 'Ga\(As' cannot be parsed"),
     (["Xy2,band_gap,1.5,eV,,x"], HEADER, 2, r"formula 'Xy2' cannot be parsed"),
+    (["gaas,band_gap,1.5,eV,,x"], HEADER, 2, r"formula 'gaas' cannot be parsed.*did you mean 'GaAs'\?"),
     (["GaAs,band_gap,1.5,eV,-0.1,x"], HEADER, 2, r"uncertainty '-0.1' is not a number >= 0"),
     (["GaAs,band_gap,1.5,eV,,"], HEADER, 2, r"empty source"),
     ([",band_gap,1.5,eV,,x"], HEADER, 2, r"neither formula nor structure_file"),
@@ -204,3 +206,13 @@ def test_lab_csv_property_selection_and_load_reference(tmp_path):
         load_lab_csv(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="method"):
         load_reference(path, "band_gap", method="PBE")
+
+
+def test_recapitalised_formulas_read_case_typos_only():
+    assert recapitalised_formulas("si") == ["Si", "SI"]  # fewest element symbols first
+    assert recapitalised_formulas("GAAS") == ["GaAs"]
+    assert recapitalised_formulas("li0.5coo2") == ["Li0.5CoO2", "Li0.5COO2"]
+    assert recapitalised_formulas("BA(NO3)2")[0] == "Ba(NO3)2"  # not nobelium
+    assert recapitalised_formulas("CUINSE2", limit=1) == ["CuInSe2"]
+    for fine_or_hopeless in ("Si", "SI", "GaAs", "Xx2", "", "123"):
+        assert recapitalised_formulas(fine_or_hopeless) == [], fine_or_hopeless

@@ -196,3 +196,20 @@ def test_uncorrected_model_screen_adds_mp2020_once(tmp_path, tiny_mace_path):
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(summary.mlflow_run_id)
     assert run.data.tags["energy_convention"] == "uncorrected"
+
+
+@pytest.mark.parametrize(("limit", "fragment"), [("-1", "-1 is not >= 1"), ("0", "0 is not >= 1"), ("x", "'x' is not")])
+def test_screen_limit_below_one_is_refused_before_anything_runs(tmp_path, capsys, limit, fragment):
+    """``--limit -1`` used to screen all but the last item and ``--limit 0`` to log an empty MLflow run."""
+    from pipelines.cli import main
+
+    config = tmp_path / "screen.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["screen", str(config), "--limit", limit, "--out", str(out)])
+    assert info.value.code == 2
+    assert f"argument --limit: {fragment}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"limit=0: give a whole number >= 1"):  # the library refuses it too
+        run_screen(small_config(tmp_path), limit=0, out_dir=out, progress=False)
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -233,3 +233,108 @@ def test_prediction_round_trip():
     back = Prediction.from_dict(pred.as_dict())
     assert back.structure == pred.structure and back.as_dict() == pred.as_dict()
     assert Prediction.from_dict(Prediction("q", "Si", 1.1).as_dict()) == Prediction("q", "Si", 1.1)
+
+
+# --- issue 16: what a validation run must not hide ---------------------------------------------------------------
+
+LAB_GAPS = "formula,property,value,unit,source\nSi,band_gap,1.12,eV,a\nSi,band_gap,1.12,eV,b\nSi,band_gap,2.50,eV,c\n"
+
+
+def validate(tmp_path, predictions: str, *extra: str, reference: str = LAB_GAPS) -> tuple[list[str], object]:
+    """`semidisc validate` arguments for a predictions CSV and a lab CSV written into ``tmp_path``."""
+    (tmp_path / "pred.csv").write_text(predictions)
+    (tmp_path / "lab.csv").write_text(reference)
+    args = ["validate", "--predictions", str(tmp_path / "pred.csv"), "--reference", str(tmp_path / "lab.csv")]
+    return [*args, "--property", "band_gap", "--out", str(tmp_path / "report"), *extra], tmp_path / "report"
+
+
+def test_validate_coverage_counts_skipped_rows_and_report_lists_them(tmp_path, capsys):
+    from pipelines.cli import main
+
+    # 1 usable row, 9 without a usable value: a failed calculation, empty, text, nan, inf, negative gaps, bad std
+    rows = ["id,formula,gap_expt,gap_expt_std,status", "a,Si,1.0,0.1,ok", "b,Si,,,failed", "c,Si,,,ok"]
+    rows += ["d,Si,n/a,,ok", "e,Si,nan,,ok", "f,Si,inf,,ok", "g,Si,-0.3,,ok", "h,Si,-1e-3,,ok", "i,Si,1.1,-0.2,ok"]
+    rows += ["j,Si,1.1,x,ok"]
+    args, out = validate(tmp_path, "\n".join(rows) + "\n", "--no-mlflow")
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "matched 1 predictions of 10 rows (coverage 10%), 0 unmatched, 9 skipped" in text
+    report = (out / "report.md").read_text()
+    assert "| coverage (matched / all prediction rows) | 0.100 |" in report
+    assert "10 prediction rows: 1 matched, 0 unmatched, 9 skipped" in report
+    assert "## Skipped predictions (9; all in skipped_predictions.csv)" in report
+    skipped = {r["prediction_id"]: r for r in csv.DictReader((out / "skipped_predictions.csv").open())}
+    assert sorted(skipped) == list("bcdefghij")
+    assert skipped["b"]["reason"] == "no gap_expt value (status failed)"
+    assert skipped["g"]["reason"].startswith("negative band gap") and skipped["g"]["value"] == "-0.3"
+    assert skipped["i"]["reason"] == "gap_expt_std '-0.2' is not a number >= 0"
+    for item, row in skipped.items():  # every skipped row named in the report with its reason
+        assert f"| {item} | Si | {row['value']} | {row['reason']} |" in report
+    # the negative gaps never reach the metrics: one pair, error 1.0 - mean(1.12, 1.12, 2.5)
+    matches = list(csv.DictReader((out / "matches.csv").open()))
+    assert [m["prediction_id"] for m in matches] == ["a"]
+    assert float(matches[0]["error"]) == pytest.approx(1.0 - 4.74 / 3)
+
+
+def test_validate_case_typos_fail_naming_each_row_and_the_intended_formula(tmp_path, capsys):
+    from pipelines.cli import main
+
+    args, out = validate(tmp_path, "id,formula,gap_expt\na,si,1.0\nb,GAAS,1.3\nc,Si,1.1\n", "--no-mlflow")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 formula(s) in the wrong letter case" in err
+    hint = "formulas are case-sensitive: did you mean"
+    assert f"line 2 (id a): formula 'si' cannot be parsed; {hint} 'Si' (or 'SI')?" in err
+    assert f"line 3 (id b): formula 'GAAS' cannot be parsed; {hint} 'GaAs'?" in err
+    assert not out.exists()  # refused before any report
+
+
+def test_validate_with_no_match_fails_instead_of_nan_metrics(tmp_path, capsys):
+    from pipelines.cli import main
+
+    tracking = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    args, out = validate(tmp_path, "id,formula,gap_expt\na,ZnO,3.0\nb,Xx2,1.0\nc,GaN,\n", *tracking)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no prediction of" in err and "matched lab.csv (3 rows:" in err
+    assert "1 formula not in the reference set" in err and "1 formula cannot be parsed" in err
+    assert "1 no gap_expt value (status n/a)" in err and "nothing logged to MLflow" in err
+    report = (out / "report.md").read_text()  # the report with the lists stays for the user to read
+    assert "| a | ZnO | 3.000 | formula not in the reference set |" in report and "| c | GaN |  |" in report
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run with NaN metrics
+
+
+def test_conflicting_reference_duplicates_are_reported_with_values_and_policy(tmp_path, capsys):
+    from pipelines.cli import main
+
+    reference = LAB_GAPS + "GaAs,band_gap,1.42,eV,d\nGaAs,band_gap,1.45,eV,e\n"  # GaAs within tolerance
+    args, out = validate(tmp_path, "id,formula,gap_expt\na,Si,1.1\nb,GaAs,1.4\n", "--no-mlflow", reference=reference)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert (
+        "warning: reference values of Si conflict: 1.12, 1.12, 2.5 eV (spread 1.38 > 0.1 eV; rows lab.csv:2, "
+        "lab.csv:3, lab.csv:4), combined by mean: mean of 3 = 1.580 eV" in text
+    )
+    assert "GaAs conflict" not in text
+    report = (out / "report.md").read_text()
+    assert "Warning: 1 reference formula(s) hold values further apart than 0.1 eV and were combined by 'mean'" in report
+    assert "| Si | 1.12, 1.12, 2.5 | lab.csv:2, lab.csv:3, lab.csv:4 | 1.380 | mean of 3 | 1.580 |" in report
+    [conflict] = list(csv.DictReader((out / "duplicate_conflicts.csv").open()))
+    assert conflict["formula"] == "Si" and conflict["values"] == "1.12;1.12;2.5" and conflict["policy"] == "mean"
+
+
+def test_duplicate_conflicts_follow_the_policy():
+    from materials.validation import DUPLICATE_SPREAD_TOLERANCE
+
+    assert DUPLICATE_SPREAD_TOLERANCE == {"band_gap": 0.1, "formation_energy": 0.05}
+    rows = [row("a", "GaAs", 1.0, e_form=-0.30), row("b", "GaAs", 1.5, e_form=-0.35), row("c", "Si", 1.1)]
+    ref = ReferenceSet("lab", "band_gap", rows)
+    preds = [Prediction("p", "GaAs", 1.6), Prediction("q", "GaAs", 1.2), Prediction("r", "Si", 1.0)]
+    [mean] = match(preds, ref).duplicate_conflicts  # two predictions of GaAs: one conflict
+    assert (mean.formula, mean.values, mean.resolution, mean.value) == ("GaAs", [1.0, 1.5], "mean of 2", 1.25)
+    assert mean.spread == pytest.approx(0.5) and mean.tolerance == 0.1
+    [closest] = match(preds, ref, duplicates="closest").duplicate_conflicts  # optimistic pick among conflicts
+    assert closest.resolution == "closest b of 2" and closest.value == 1.5
+    assert match(preds, ref, duplicates="ground_state").duplicate_conflicts == []  # polymorphs: distinct materials
+    close = ReferenceSet("lab", "band_gap", [row("a", "Si", 1.10), row("b", "Si", 1.20)])
+    assert match([Prediction("p", "Si", 1.0)], close).duplicate_conflicts == []  # spread 0.1 is not above 0.1
