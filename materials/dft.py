@@ -46,6 +46,8 @@ from materials import stability
 DEFAULT_INITIAL_MAGMOM = 1.0
 #: A fundamental gap within this of the smallest direct gap (eV) counts as direct.
 DIRECT_GAP_TOLERANCE = 1e-3
+#: GPAW's name of the GLLB-SC functional and of its PAW setups (``<symbol>.GLLBSC.gz`` in gpaw-data).
+GLLBSC_XC = "GLLBSC"
 #: Elements whose reference is a molecular crystal: positions relaxed, cell kept at the Delta-test PBE volume.
 #: (A PBE cell relaxation of these has no real minimum to find and, with plane-wave Pulay stress, collapsed
 #: O2 and N2 crystals to ~4 Å^3/atom at 350 eV.)
@@ -86,6 +88,12 @@ class DFTSettings:
         relax_max_steps: BFGS step limit; reaching it gives ``converged=False`` (status still ``ok``).
         band_npoints: k-points along the band path (ASE's special-point path for the cell's Bravais lattice).
         band_extra: empty bands converged on the band path above the occupied ones.
+        gap_functional: how :func:`band_gap` computes the gap. ``ks`` (default): the Kohn-Sham gap of ``xc``
+            (PBE: ~50 % below experiment). ``gllbsc``: GLLB-SC (Kuisma et al., PRB 82, 115106 (2010)), the
+            Kohn-Sham gap of a GLLB-SC ground state plus its derivative discontinuity Δxc, at about the cost of
+            PBE (GPAW's GLLBSC PAW setups, shipped with gpaw-data for 68 elements, no lanthanides); needs
+            ``spinpol: false``. Energies, forces and relaxations always use ``xc``, so this field leaves
+            :func:`settings_hash` (and the elemental-reference cache) unchanged.
         threads: BLAS/OpenMP threads for the calculation (no MPI).
     """
 
@@ -103,6 +111,7 @@ class DFTSettings:
     relax_max_steps: int = 60
     band_npoints: int = 60
     band_extra: int = 4
+    gap_functional: Literal["ks", "gllbsc"] = "ks"
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -125,6 +134,12 @@ class DFTSettings:
                 raise ValueError(f"dft.{name}={getattr(self, name)} must be >= 1")
         if self.band_extra < 1:
             raise ValueError(f"dft.band_extra={self.band_extra} must be >= 1 (the CBM needs one empty band)")
+        if self.xc.upper().startswith("GLLB"):
+            # energies of a GLLB ground state are not on the PBE scale of the references: GLLB-SC is a gap method here
+            raise ValueError(
+                f"dft.xc={self.xc!r}: GLLB functionals are for band gaps only; keep xc (energies, forces, relaxations) "
+                "and set dft.gap_functional: gllbsc"
+            )
 
 
 #: Fields that change total energies; they (plus the GPAW and setup versions) key the reference cache.
@@ -169,6 +184,11 @@ class DFTResult:
     or the relaxation (relax) converged. ``n_scf_iterations`` sums over all ionic steps. ``gap_direct`` is None
     when no gap was computed or the system is metallic (``band_gap`` 0). ``notes`` records non-fatal issues.
     ``forces`` (eV/Å, n_atoms × 3, of the final geometry) are kept as training data for fine-tuning.
+
+    ``functional`` is the functional of the energies and forces (``settings.xc``); ``gap_functional`` that of
+    ``band_gap`` (``PBE``, ``GLLBSC``; empty when no gap was computed). ``band_gap = gap_ks +
+    gap_discontinuity``: ``gap_ks`` is the Kohn-Sham gap (eV) and ``gap_discontinuity`` the derivative
+    discontinuity Δxc (eV, GLLB-SC only; NaN for a Kohn-Sham gap, 0 for a metal).
     """
 
     id: str
@@ -193,6 +213,10 @@ class DFTResult:
     gap_direct: bool | None = None
     vbm: float = math.nan
     cbm: float = math.nan
+    gap_ks: float = math.nan
+    gap_discontinuity: float = math.nan
+    functional: str = ""
+    gap_functional: str = ""
     converged: bool = False
     n_scf_iterations: int = 0
     ionic_steps: int = 0
@@ -265,14 +289,17 @@ def missing_setups(symbols: Iterable[str], xc: str = "PBE") -> list[str]:
 def _unsupported_reason(structure: Structure, settings: DFTSettings) -> str | None:
     if not structure.is_ordered:
         return "disordered structure (partial occupancies): GPAW needs an ordered cell"
-    symbols = {el.symbol for el in structure.composition.elements}
-    missing = missing_setups(symbols, settings.xc)
+    return _missing_setups_reason({el.symbol for el in structure.composition.elements}, settings.xc)
+
+
+def _missing_setups_reason(symbols: Iterable[str], xc: str) -> str | None:
+    missing = missing_setups(symbols, xc)
     if missing:
         from gpaw import setup_paths
 
         folders = ", ".join(str(p) for p in setup_paths) or "none"
         return (
-            f"unsupported element(s) {', '.join(missing)}: no {settings.xc} PAW setup installed "
+            f"unsupported element(s) {', '.join(missing)}: no {xc} PAW setup installed "
             f"(searched gpaw.setup_paths: {folders}; GPAW_SETUP_PATH adds folders)"
         )
     return None
@@ -300,7 +327,11 @@ def kpoint_grid(atoms: Atoms, settings: DFTSettings) -> tuple[int, int, int]:
     return sizes[0], sizes[1], sizes[2]
 
 
-def _calculator(settings: DFTSettings, size: tuple[int, int, int], spinpol: bool, log_path: Path | None):
+def _calculator(
+    settings: DFTSettings, size: tuple[int, int, int], spinpol: bool, log_path: Path | None, xc: str | None = None
+):
+    """GPAW calculator for ``settings`` with functional ``xc`` (default ``settings.xc``). GPAW 26 hands GLLB
+    functionals to its legacy calculator (``gpaw.old``), which takes the same plane-wave parameters."""
     from gpaw import GPAW, PW, FermiDirac
     from gpaw.mpi import serial_comm
 
@@ -309,7 +340,7 @@ def _calculator(settings: DFTSettings, size: tuple[int, int, int], spinpol: bool
         kpts["gamma"] = True
     return GPAW(
         mode=PW(settings.ecut),
-        xc=settings.xc,
+        xc=settings.xc if xc is None else xc,
         kpts=kpts,
         occupations=FermiDirac(settings.smearing),
         convergence={"energy": settings.scf_energy_tol, "density": settings.scf_density_tol},
@@ -368,16 +399,23 @@ def _new_result(structure: Structure, task: str, item_id: str, settings: DFTSett
         n_atoms=len(structure),
         log_path=str(log_path) if log_path is not None else None,
         settings_hash=settings_hash(settings),
+        functional=settings.xc,
     )
 
 
-def _fill_state(result: DFTResult, atoms: Atoms, calc, spinpol: bool, with_stress: bool) -> None:
+def _fill_state(
+    result: DFTResult, atoms: Atoms, calc, spinpol: bool, with_stress: bool, with_energy: bool = True
+) -> None:
+    """Run the SCF if needed and copy the converged state into ``result``; without ``with_energy``, energy and
+    forces stay NaN/None (a GLLB-SC ground state: its energy is not on the scale of ``settings.xc``)."""
     n = len(atoms)
-    result.energy = float(atoms.get_potential_energy())
-    result.energy_per_atom = result.energy / n
-    forces = atoms.get_forces()
-    result.forces = forces.tolist()
-    result.max_force = float(np.linalg.norm(forces, axis=1).max())
+    energy = float(atoms.get_potential_energy())
+    if with_energy:
+        result.energy = energy
+        result.energy_per_atom = energy / n
+        forces = atoms.get_forces()
+        result.forces = forces.tolist()
+        result.max_force = float(np.linalg.norm(forces, axis=1).max())
     if with_stress:
         result.stress = [float(s) for s in atoms.get_stress(voigt=True) / GPa]
     lengths = atoms.cell.lengths()
@@ -414,8 +452,8 @@ class _Job:
     result: DFTResult
     start: float
 
-    def calculator(self):
-        return _calculator(self.settings, self.size, self.spinpol, self.log)
+    def calculator(self, xc: str | None = None):
+        return _calculator(self.settings, self.size, self.spinpol, self.log, xc)
 
     def failed(self, exc: Exception) -> DFTResult:
         self.result.failure_reason = _failure_reason(exc, self.settings)
@@ -555,18 +593,44 @@ def band_gap(
     smallest same-k gap within ``DIRECT_GAP_TOLERANCE``. Metals (or an odd electron count without spin
     polarisation) give ``band_gap=0``, ``gap_direct=None``. The band-path log is ``<log stem>_bandpath<suffix>``.
     Extrema off both the grid and the path are missed (low-symmetry cells).
+
+    ``settings.gap_functional == "gllbsc"``: both runs use GLLB-SC and ``band_gap = gap_ks + gap_discontinuity``
+    (eV). ``gap_ks`` is the Kohn-Sham gap of the GLLB-SC potential as above; the derivative discontinuity Δxc is
+    GPAW's first-order expression (Kuisma et al. 2010, Eqs. 24-25): the discontinuity potential built from the
+    grid+path VBM and CBM, its expectation value in the lowest conduction band at every grid and path k-point,
+    Δxc = min_k [ε_c(k) + <Δv_xc>_c(k)] - CBM. ``vbm`` is the Kohn-Sham VBM, ``cbm = vbm + band_gap``, and
+    ``direct_gap`` the Kohn-Sham direct gap + Δxc (a rigid shift). Energy and forces are left NaN (a GLLB-SC
+    total energy is not on the scale of ``settings.xc``; use :func:`single_point` for those). A metal (or
+    overlapping GLLB-SC bands) gives ``band_gap = gap_ks = gap_discontinuity = 0``. With the default ``ks``,
+    ``gap_ks = band_gap`` and ``gap_discontinuity`` is NaN.
+
+    Raises:
+        ValueError: unknown functional, or ``gap_functional="gllbsc"`` with ``spinpol`` (GPAW's discontinuity
+            takes both spin channels with half the electrons each). ImportError: GPAW missing.
     """
+    settings = settings or DFTSettings()
+    gllbsc = settings.gap_functional == "gllbsc"
+    if gllbsc and settings.spinpol:
+        raise ValueError(
+            "dft.gap_functional='gllbsc' needs dft.spinpol: false (GPAW's GLLB-SC discontinuity assumes "
+            "equally filled spin channels); use gap_functional: ks for spin-polarised band gaps"
+        )
     job = _begin(structure, settings, "band_gap", item_id, log_path)
+    xc = GLLBSC_XC if gllbsc else settings.xc
+    job.result.gap_functional = xc
+    if job.result.failure_reason is None and gllbsc:
+        job.result.failure_reason = _missing_setups_reason(set(job.atoms.get_chemical_symbols()), xc)
     if job.result.failure_reason is not None:
         return job.finish()
     settings, atoms, log, result = job.settings, job.atoms, job.log, job.result
     with _thread_limit(settings.threads):
         try:
-            calc = job.calculator()
+            calc = job.calculator(xc)
             atoms.calc = calc
-            _fill_state(result, atoms, calc, job.spinpol, with_stress=False)
+            _fill_state(result, atoms, calc, job.spinpol, with_stress=False, with_energy=not gllbsc)
             result.n_scf_iterations = int(calc.get_number_of_iterations())
             nocc = _occupied_bands(calc, job.spinpol)
+            calcs = [calc]
             eigenvalues = [_eigenvalues(calc)]
             if nocc is not None:
                 path = atoms.cell.bandpath(npoints=settings.band_npoints, pbc=atoms.pbc)
@@ -580,22 +644,62 @@ def band_gap(
                     txt=str(band_log) if band_log is not None else None,
                 )
                 path_calc.get_potential_energy()  # runs the non-self-consistent diagonalisation
+                calcs.append(path_calc)
                 eigenvalues.append(_eigenvalues(path_calc))
                 result.notes.append(f"band path {path.path} with {len(path.kpts)} k-points")
+            discontinuity = math.nan
+            if nocc is None:
+                result.band_gap = 0.0
+                result.notes.append("odd electron count or fractional moment: no insulating filling, metallic")
+            else:
+                nbands = min(e.shape[2] for e in eigenvalues)
+                combined = np.concatenate([e[:, :, :nbands] for e in eigenvalues], axis=1)
+                gap, direct, vbm, cbm = gap_from_eigenvalues(combined, nocc)
+                result.band_gap, result.direct_gap, result.vbm, result.cbm = gap, direct, vbm, cbm
+                result.gap_direct = None if gap == 0.0 else bool(direct - gap < DIRECT_GAP_TOLERANCE)
+                if gllbsc and gap > 0.0:
+                    discontinuity = _gllbsc_discontinuity(calcs, eigenvalues, nocc[0], vbm, cbm, result.notes)
         except Exception as exc:  # per-structure failure, recorded with its reason
             return job.failed(exc)
-    if nocc is None:
-        result.band_gap = 0.0
-        result.notes.append("odd electron count or fractional moment: no insulating filling, metallic")
-    else:
-        nbands = min(e.shape[2] for e in eigenvalues)
-        combined = np.concatenate([e[:, :, :nbands] for e in eigenvalues], axis=1)
-        gap, direct, vbm, cbm = gap_from_eigenvalues(combined, nocc)
-        result.band_gap, result.direct_gap, result.vbm, result.cbm = gap, direct, vbm, cbm
-        result.gap_direct = None if gap == 0.0 else bool(direct - gap < DIRECT_GAP_TOLERANCE)
+    result.gap_ks = result.band_gap
+    if gllbsc:
+        if result.band_gap == 0.0:
+            discontinuity = 0.0
+            result.notes.append("GLLB-SC: no Kohn-Sham gap, so no derivative discontinuity (metallic)")
+        else:
+            result.band_gap += discontinuity
+            result.direct_gap += discontinuity
+            result.cbm = result.vbm + result.band_gap
+            result.notes.append(f"GLLB-SC: Kohn-Sham gap {result.gap_ks:.3f} eV + discontinuity {discontinuity:.3f} eV")
+    result.gap_discontinuity = discontinuity
     result.converged = True
     result.status = "ok"
     return job.finish()
+
+
+def _gllbsc_discontinuity(
+    calcs: list, eigenvalues: list[np.ndarray], nocc: int, vbm: float, cbm: float, notes: list[str]
+) -> float:
+    """Derivative discontinuity Δxc, eV, of a spin-unpolarised GLLB-SC ground state ``calcs[0]`` (the others:
+    fixed-density runs from it) with ``nocc`` occupied bands, Kohn-Sham ``vbm`` and ``cbm`` (eV) over all k-sets.
+
+    GPAW's ``calculate_discontinuity`` returns, per calculator, min_k [ε_c(k) + <Δv_xc>_c(k)] minus that
+    calculator's own lowest conduction energy; adding the latter back puts every k-set on one scale.
+    """
+    response = calcs[0].hamiltonian.xc.response
+    potential = response.calculate_discontinuity_potential(vbm, cbm)
+    lowest = math.inf
+    for calc, eps in zip(calcs, eigenvalues, strict=True):
+        # GPAW takes as conduction band the first band above the Fermi level at the set's first k-point
+        below = int((eps[0, 0] < calc.get_fermi_level()).sum())
+        if below != nocc:
+            notes.append(f"GLLB-SC: a k-set skipped for the discontinuity ({below} bands below E_F, {nocc} occupied)")
+            continue
+        _, shift = calc.hamiltonian.xc.response.calculate_discontinuity(potential)
+        lowest = min(lowest, float(eps[0, :, nocc].min()) + float(shift))
+    if not math.isfinite(lowest):
+        raise RuntimeError("GLLB-SC discontinuity: no k-set has the Fermi level in the gap")
+    return lowest - cbm
 
 
 def _eigenvalues(calc) -> np.ndarray:

@@ -104,7 +104,9 @@ def cmd_bo_benchmark(args: argparse.Namespace) -> int:
         target=args.target, low=low, high=high, stable=args.stable_column, stable_max=args.stable_max
     )
     columns = [args.target] + ([args.stable_column] if args.stable_column else [])
-    pool = load_labelled_pool(args.pool, args.formula_column, columns, args.features, args.gap_model, args.oxidation)
+    pool = load_labelled_pool(
+        args.pool, args.formula_column, columns, args.features, args.gap_model, args.oxidation, args.id_column
+    )
     report = run_benchmark(
         pool,
         objective,
@@ -138,9 +140,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         column=args.column,
         by=args.by,
         tracking=tracking,
+        allow_fidelity_mismatch=args.allow_fidelity_mismatch,
     )
     m = summary.metrics
-    print(f"matched {m.get('n')} predictions (coverage {m.get('coverage', 0):.0%}), {summary.n_unmatched} unmatched")
+    print(
+        f"matched {m.get('n')} predictions of {m.get('n_predictions')} rows (coverage {m.get('coverage', 0):.0%}), "
+        f"{summary.n_unmatched} unmatched, {summary.n_skipped} skipped (no usable value; listed in the report)"
+    )
+    for line in summary.warnings[:5]:
+        print(f"warning: {line}")
+    if len(summary.warnings) > 5:
+        print(f"warning: {len(summary.warnings) - 5} more conflicting reference formulas in the report")
     for key in ("mae", "rmse", "r2", "max_error", "mean_signed_error"):
         if isinstance(m.get(key), float):
             print(f"  {key:18s} {m[key]:.3f}")
@@ -149,9 +159,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_dft(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from pipelines.dft_run import load_dft_config, run_dft
 
     config = load_dft_config(args.config)
+    if args.functional is not None:
+        if not args.bandgap:
+            raise ValueError(f"--functional {args.functional} sets the band-gap functional: add --bandgap")
+        # pbe: the Kohn-Sham gap of PBE; gllbsc: GLLB-SC (Kohn-Sham gap + discontinuity). Energies stay PBE.
+        dft = {"pbe": {"xc": "PBE", "gap_functional": "ks"}, "gllbsc": {"gap_functional": "gllbsc"}}[args.functional]
+        config = config.model_copy(update={"dft": replace(config.dft, **dft)})
     summary = run_dft(
         config,
         structures=args.structures,
@@ -162,16 +180,20 @@ def cmd_dft(args: argparse.Namespace) -> int:
         out_dir=args.out,
     )
     print(f"\n{summary['n_ok']}/{summary['n_items']} ok")
-    print(f"{'id':28s} {'E_form':>8s} {'a (Å)':>7s} {'gap':>6s}  status")
+    print(f"{'id':28s} {'E_form':>8s} {'a (Å)':>7s} {'gap':>6s} {'gap_KS':>6s} {'Δxc':>6s} {'gap xc':8s} status")
 
     def num(rec: dict, key: str, fmt: str) -> str:
         value = rec.get(key)
         return format(value, fmt) if isinstance(value, float) and value == value else "-"
 
     for r in summary["records"]:
+        # a structure whose energy is fine but whose band gap failed is ok, with the reason in its notes
+        reason = r.get("failure_reason") or "; ".join(n for n in r.get("notes") or [] if n.startswith("band gap"))
         print(
             f"{r['id']:28s} {num(r, 'e_form_per_atom', '8.3f'):>8s} {num(r, 'a', '7.3f'):>7s} "
-            f"{num(r, 'band_gap', '6.2f'):>6s}  {r['status']} {r.get('failure_reason') or ''}"
+            f"{num(r, 'band_gap', '6.2f'):>6s} {num(r, 'gap_ks', '6.2f'):>6s} "
+            f"{num(r, 'gap_discontinuity', '6.2f'):>6s} {r.get('gap_functional') or '-':8s} "
+            f"{r['status']} {reason}"
         )
     print(f"results: {summary['out_dir'] / 'dft_results.csv'}")
     return 0
@@ -204,10 +226,18 @@ def cmd_import_dft(args: argparse.Namespace) -> int:
 def cmd_train_gap(args: argparse.Namespace) -> int:
     import logging
 
-    from pipelines.train_gap import load_bandgap_config, run_train_gap
+    from pipelines.train_gap import load_bandgap_config, recalibrate, run_train_gap
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per epoch
     config = load_bandgap_config(args.config)
+    if args.recalibrate:
+        m = recalibrate(config)
+        print(
+            f"recalibrated {config.output}: 90 % interval covers {m['expt_test_coverage90']:.0%} of held-out Zhuo, "
+            f"Borlido {m['borlido_expt_coverage90']:.0%}; textbook compounds called metal "
+            f"{m['textbook_called_metal']:.0f} of {m['textbook_n']:.0f}"
+        )
+        return 0
     result = run_train_gap(config, resume=not args.restart, only_members=args.member)
     if result["output"] is None:
         print(f"trained members {args.member} in {result['seconds']:.0f} s (kept in {config.work_dir})")
@@ -230,6 +260,10 @@ def cmd_predict_gap(args: argparse.Namespace) -> int:
 
     counts = predict_gap_csv(args.input, args.formula_column, args.out, model_path=args.model)
     print(f"{counts['n_ok']}/{counts['n_rows']} rows predicted ({counts['n_failed']} with an error): {args.out}")
+    for error in counts["errors"][:10]:
+        print(f"  no prediction: {error}")
+    if counts["n_failed"] > 10:
+        print(f"  ... {counts['n_failed'] - 10} more (column 'error' of {args.out})")
     return 0
 
 
@@ -250,13 +284,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ArgumentTypeError into a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (leave --limit out to screen every item)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semidisc", description="Discover semiconductor materials.")
     sub = parser.add_subparsers(dest="command", required=True)
     screen = sub.add_parser("screen", help="enumerate/read structures, relax with an MLIP on Ray, rank by E_hull")
     screen.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
     screen.add_argument("--structures", help="folder of CIF/POSCAR/extxyz files to screen instead of candidates")
-    screen.add_argument("--limit", type=int, help="screen only the first N items")
+    screen.add_argument("--limit", type=_positive_int, help="screen only the first N items (N >= 1)")
     screen.add_argument("--out", help="output folder (default: output_dir from the config)")
     screen.add_argument("--resume", action="store_true", help="continue a screen in --out, skipping finished items")
     screen.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -273,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     dft.add_argument("--from-run", help="a screen's output folder: compute its most stable candidates")
     dft.add_argument("--top", type=int, default=5, help="with --from-run: how many (lowest E_hull first)")
     dft.add_argument("--relax", action="store_true", help="relax positions and cell first")
-    dft.add_argument("--bandgap", action="store_true", help="PBE band gap (SCF + band path)")
+    dft.add_argument("--bandgap", action="store_true", help="band gap (SCF + band path), PBE unless --functional")
+    dft.add_argument(
+        "--functional",
+        choices=["pbe", "gllbsc"],
+        help="band-gap functional (default: the config's dft.gap_functional, PBE): gllbsc = GLLB-SC, Kohn-Sham "
+        "gap + derivative discontinuity, much closer to experiment at about PBE cost; energies stay PBE",
+    )
     dft.add_argument("--config", help="YAML with a dft: section (DFTSettings), ray:, tracking:")
     dft.add_argument("--out", default="runs/dft", help="output folder (resumes: finished ids are skipped)")
     dft.set_defaults(func=cmd_dft)
@@ -291,7 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("--property", required=True, help="band_gap (eV) | formation_energy (eV/atom)")
     val.add_argument("--method", help="reference column, e.g. PBE or HSE06 for borlido (default: experiment)")
-    val.add_argument("--column", help="prediction column (default: e_form_per_atom / gap_pbe / band_gap)")
+    val.add_argument(
+        "--column",
+        help="prediction column (default: e_form_per_atom; for band gaps like with like: gap_expt against "
+        "experiment, gap_pbe against PBE, else band_gap)",
+    )
+    val.add_argument(
+        "--allow-fidelity-mismatch",
+        action="store_true",
+        help="compare band gaps of different levels of theory (e.g. PBE predictions with experiment)",
+    )
     val.add_argument("--by", default="auto", choices=["auto", "formula", "structure"])
     val.add_argument("--out", default="runs/validation", help="report folder")
     val.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
@@ -301,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bo-benchmark", help="BO vs random search on a labelled pool (formula features only)")
     bench.add_argument("--pool", required=True, help="labelled CSV")
     bench.add_argument("--formula-column", required=True)
+    bench.add_argument("--id-column", help="column naming the rows in the skipped list (default: row<N>, from 0)")
     bench.add_argument("--target", required=True, help="label column of the designed property")
     bench.add_argument("--window", nargs=2, required=True, metavar=("LO", "HI"), help="target window (inf allowed)")
     bench.add_argument("--stable-column", help="stability label column (gate)")
@@ -341,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--restart", action="store_true", help="retrain members already finished in work_dir")
     gap.add_argument(
         "--member", type=int, action="append", help="train only this member (repeatable; for parallel processes)"
+    )
+    gap.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="only recalibrate the trained ensemble at output (P(metal), sigma, 90 %% interval) and evaluate it",
     )
     gap.set_defaults(func=cmd_train_gap)
 

@@ -39,6 +39,9 @@ DFT_COLUMNS = (
     "c",
     "volume_per_atom",
     "band_gap",
+    "gap_ks",
+    "gap_discontinuity",
+    "gap_functional",
     "gap_direct",
     "vbm",
     "cbm",
@@ -49,6 +52,19 @@ DFT_COLUMNS = (
     "seconds",
     "log_path",
     "settings_hash",
+    "functional",
+)
+#: Band-gap fields a separate band-gap run adds to a relaxation's or single point's record.
+GAP_FIELDS = (
+    "band_gap",
+    "gap_ks",
+    "gap_discontinuity",
+    "gap_functional",
+    "direct_gap",
+    "gap_direct",
+    "vbm",
+    "cbm",
+    "fermi_level",
 )
 
 
@@ -110,7 +126,10 @@ def _dft_task(
 ):
     """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict(),
     with ``frames`` (labelled ASE Atoms for fine-tuning: every ionic step of a relaxation, else the computed
-    geometry; see :mod:`materials.finetune`) when ``keep_frames``."""
+    geometry; see :mod:`materials.finetune`) when ``keep_frames``.
+
+    Energies and forces always come from ``settings.xc``: a GLLB-SC band gap (``settings.gap_functional``) is a
+    separate run whose gap fields (``GAP_FIELDS``) join the record of the relaxation or single point."""
     from pymatgen.core import Structure
 
     from materials import dft
@@ -119,21 +138,22 @@ def _dft_task(
     structure = Structure.from_dict(item.structure)
     log = Path(log_dir) / f"{item.id}.txt"
     recorder = RelaxRecorder(settings, item.id) if keep_frames and do_relax else None
+    separate_gap = do_gap and (do_relax or settings.gap_functional != "ks")
     if do_relax:
         result = dft.relax(structure, settings, item_id=item.id, log_path=log, on_step=recorder)
-        if result.status == "ok" and do_gap:
-            gap = dft.band_gap(
-                result.structure, settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt")
-            )
-            if gap.status == "ok":
-                for key in ("band_gap", "direct_gap", "gap_direct", "vbm", "cbm", "fermi_level"):
-                    setattr(result, key, getattr(gap, key))
-            else:
-                result.notes.append(f"band gap failed: {gap.failure_reason}")
-    elif do_gap:
+    elif do_gap and not separate_gap:
         result = dft.band_gap(structure, settings, item_id=item.id, log_path=log)
     else:
         result = dft.single_point(structure, settings, item_id=item.id, log_path=log)
+    if separate_gap and result.status == "ok":
+        gap = dft.band_gap(result.structure, settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt"))
+        result.seconds += gap.seconds
+        if gap.status == "ok":
+            for key in GAP_FIELDS:
+                setattr(result, key, getattr(gap, key))
+            result.notes.extend(note for note in gap.notes if note.startswith("GLLB-SC"))
+        else:
+            result.notes.append(f"band gap failed: {gap.failure_reason}")
     if result.status == "ok":
         try:
             result.e_form_per_atom = dft.formation_energy_per_atom(result, settings, ref_dir)
@@ -280,8 +300,8 @@ def run_dft(
 
 def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True) -> dict[str, Any]:
     """``semidisc import-dft``: existing DFT (vasprun.xml, extxyz) -> ``dft_results.csv`` (the columns of
-    ``semidisc dft`` plus functional, code, source, notes), ``structures.extxyz`` (energies, forces, stress: a
-    training set) and ``import_failures.csv`` (file or frame, reason)."""
+    ``semidisc dft``, ``functional`` taken from the files, plus code, source, notes), ``structures.extxyz``
+    (energies, forces, stress: a training set) and ``import_failures.csv`` (file or frame, reason)."""
     from ase.io import write
 
     from materials import dft_import
@@ -296,7 +316,7 @@ def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True
         except dft_import.DFTImportError as exc:
             formation_error = str(exc)
     rows = dft_import.as_result_rows(result.records)
-    write_results_csv(out / "dft_results.csv", rows, (*DFT_COLUMNS, "functional", "code", "source", "notes"))
+    write_results_csv(out / "dft_results.csv", rows, (*DFT_COLUMNS, "code", "source", "notes"))
     write(str(out / "structures.extxyz"), [rec.to_atoms() for rec in result.records], format="extxyz")
     with (out / "import_failures.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -85,7 +85,8 @@ DFT_LABELS = ("band_gap", "dft_e_form_per_atom", "dft_energy_per_atom", "dft_vol
 
 class DFTOracle:
     """GPAW on each proposed candidate's (MLIP-relaxed) structure, one Ray task per candidate: optional DFT
-    relaxation, the PBE band gap when the objective asks for ``band_gap``, and the formation energy against
+    relaxation, the band gap (PBE, or GLLB-SC with ``dft.gap_functional: gllbsc``) when the objective asks for
+    ``band_gap``, and the formation energy against
     elemental references with identical settings (cached in ``<work_dir>/dft_references``). Columns the DFT
     does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row.
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from ase.build import bulk
+from pymatgen.io.ase import AseAtomsAdaptor
 
 pytest.importorskip("gpaw")
 
 from materials.dft import (  # noqa: E402
+    REFERENCE_RECIPE,
     DFTReferenceError,
     DFTResult,
     DFTSettings,
@@ -73,13 +76,77 @@ def test_relax_moves_the_volume_toward_equilibrium():
     assert r.max_force < 0.05 and r.structure.lattice.abc[0] == pytest.approx(r.a)
 
 
-def test_band_gap_of_si_is_positive_and_indirect():
-    r = band_gap(si(), FAST, item_id="si")
+@pytest.fixture(scope="module")
+def si_pbe_gap():
+    return band_gap(si(), FAST, item_id="si")
+
+
+def test_band_gap_of_si_is_positive_and_indirect(si_pbe_gap):
+    r = si_pbe_gap
     assert r.status == "ok" and r.task == "band_gap"
     assert 0.2 < r.band_gap < 1.2  # PBE ~0.6 eV; loose at 250 eV / 3x3x3
     assert r.gap_direct is False and r.direct_gap > r.band_gap + 1.0  # direct gap at Γ ~2.5 eV
     assert r.cbm - r.vbm == pytest.approx(r.band_gap)
     assert any("band path" in note for note in r.notes)
+    # a Kohn-Sham gap: no discontinuity, the functional of the gap is that of the energies
+    assert r.gap_ks == r.band_gap and math.isnan(r.gap_discontinuity)
+    assert r.functional == r.gap_functional == "PBE" and math.isfinite(r.energy)
+
+
+def test_gllbsc_gap_of_si_adds_a_positive_discontinuity_to_a_wider_kohn_sham_gap(si_pbe_gap):
+    gllbsc = replace(FAST, gap_functional="gllbsc")
+    assert settings_hash(gllbsc) == settings_hash(FAST)  # same energies, same reference cache
+    r = band_gap(si(5.431), gllbsc, item_id="si-gllbsc")
+    assert r.status == "ok" and r.gap_functional == "GLLBSC" and r.functional == "PBE"
+    assert r.band_gap == pytest.approx(r.gap_ks + r.gap_discontinuity)
+    # Kuisma et al. 2010 (Si): KS gap 0.7, discontinuity 0.4, gap 1.1 eV; experiment 1.17 eV
+    assert 0.2 < r.gap_discontinuity < 0.6
+    assert r.gap_ks > si_pbe_gap.band_gap + 0.05  # the GLLB-SC potential alone already opens the gap
+    assert r.band_gap > si_pbe_gap.band_gap + 0.3 and 0.9 < r.band_gap < 1.4
+    assert r.gap_direct is False and r.cbm - r.vbm == pytest.approx(r.band_gap)
+    assert any("discontinuity" in note for note in r.notes)
+    assert math.isnan(r.energy) and r.forces is None  # GLLB-SC energies are not on the PBE scale
+    back = DFTResult.from_dict(json.loads(json.dumps(r.as_dict())))
+    assert (back.gap_ks, back.gap_discontinuity, back.gap_functional) == (
+        r.gap_ks,
+        r.gap_discontinuity,
+        r.gap_functional,
+    )
+
+
+def test_gllbsc_metal_unsupported_element_and_bad_settings():
+    gllbsc = replace(FAST, gap_functional="gllbsc")
+    metal = band_gap(bulk("Al"), gllbsc, item_id="al")  # 3 valence electrons: no insulating filling
+    assert metal.status == "ok" and metal.band_gap == metal.gap_ks == metal.gap_discontinuity == 0.0
+    # gpaw-data ships PBE setups for the lanthanides but no GLLBSC ones
+    assert "La" in installed_setup_elements("PBE") and "La" not in installed_setup_elements("GLLBSC")
+    r = band_gap(bulk("La", "fcc", a=5.3), gllbsc, item_id="la")
+    assert r.status == "failed" and "La" in r.failure_reason and "no GLLBSC PAW setup" in r.failure_reason
+    with pytest.raises(ValueError, match="spinpol"):
+        band_gap(si(), replace(gllbsc, spinpol=True))
+    with pytest.raises(ValueError, match="gap_functional: gllbsc"):
+        DFTSettings(xc="GLLBSC")
+    with pytest.raises(ValueError):
+        DFTSettings(gap_functional="hse06")
+
+
+def test_dft_task_keeps_pbe_energies_and_takes_the_gllbsc_gap(tmp_path):
+    from pipelines.dft_run import DFTItem, _dft_task
+
+    gllbsc = replace(FAST, gap_functional="gllbsc")
+    # a cached Si reference (the caching itself is tested above): E_form needs no reference relaxation here
+    mu = -5.0
+    cache = {"symbol": "Si", "recipe": REFERENCE_RECIPE, "energy_per_atom": mu}
+    (tmp_path / f"Si-{settings_hash(gllbsc)}.json").write_text(json.dumps(cache))
+    item = DFTItem("si", "test", AseAtomsAdaptor.get_structure(si(5.431)).as_dict())
+    out = _dft_task(item, gllbsc, do_relax=False, do_gap=True, log_dir=str(tmp_path), ref_dir=str(tmp_path))
+    assert out["status"] == "ok" and out["task"] == "single_point"
+    assert out["functional"] == "PBE" and out["gap_functional"] == "GLLBSC"
+    assert out["band_gap"] == pytest.approx(out["gap_ks"] + out["gap_discontinuity"]) and out["band_gap"] > 0.9
+    assert math.isfinite(out["energy_per_atom"]) and out["e_form_per_atom"] == pytest.approx(
+        out["energy_per_atom"] - mu
+    )
+    assert (tmp_path / "si_gap.txt").is_file() and (tmp_path / "si.txt").is_file()
 
 
 def test_elemental_reference_is_cached_and_formation_energy_subtracts_it(tmp_path):

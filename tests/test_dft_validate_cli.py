@@ -78,7 +78,7 @@ def test_validate_cli_writes_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Xx3" in report
     assert (out / "parity.png").is_file() and (out / "report.html").is_file()
-    assert "d: no e_form_per_atom value" in (out / "skipped_predictions.txt").read_text()
+    assert "d,GaN,,no e_form_per_atom value (status failed)" in (out / "skipped_predictions.csv").read_text()
     matches = list(csv.DictReader((out / "matches.csv").open()))
     errors = sorted(round(float(m["error"]), 3) for m in matches)
     assert errors == pytest.approx([-0.053, 0.047], abs=0.002)
@@ -101,3 +101,21 @@ def test_validate_bad_column_is_clear(tmp_path, capsys):
     ]
     assert main(args) == 2
     assert "pass --column, one of: id, formula, energy" in capsys.readouterr().err
+
+
+def test_band_gaps_are_compared_like_with_like(tmp_path, capsys):
+    predictions = tmp_path / "pred.csv"
+    predictions.write_text("id,formula,gap_pbe,gap_expt\na,GaAs,0.5,1.4\nb,ZnO,0.8,3.3\nc,Si,0.6,1.1\n")
+    base = ["validate", "--predictions", str(predictions), "--property", "band_gap", "--no-mlflow"]
+    # experimental reference: gap_expt by default, named in the report
+    assert main([*base, "--reference", "borlido", "--out", str(tmp_path / "expt")]) == 0
+    assert "column gap_expt vs borlido" in (tmp_path / "expt" / "report.md").read_text()
+    # PBE reference: gap_pbe by default
+    assert main([*base, "--reference", "borlido", "--method", "PBE", "--out", str(tmp_path / "pbe")]) == 0
+    assert "column gap_pbe vs borlido" in (tmp_path / "pbe" / "report.md").read_text()
+    capsys.readouterr()
+    # PBE predictions against experiment: refused unless asked for
+    mixed = [*base, "--reference", "borlido", "--column", "gap_pbe", "--out", str(tmp_path / "mixed")]
+    assert main(mixed) == 2
+    assert "holds PBE gaps but borlido holds experiment ones" in capsys.readouterr().err
+    assert main([*mixed, "--allow-fidelity-mismatch"]) == 0
