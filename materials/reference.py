@@ -227,11 +227,8 @@ def recapitalised_formulas(formula: str, limit: int = 3) -> list[str]:
     text = formula.strip()
     if not any(c.isalpha() for c in text):
         return []
-    try:
-        reduced_formula(text)
+    if _parses(text):  # already a formula: nothing to suggest
         return []
-    except ValueError:
-        pass
     readings: dict[str, tuple[str, ...]] = {}
 
     def walk(i: int, built: str, symbols: tuple[str, ...]) -> None:
@@ -429,6 +426,15 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
     if dft_import.is_dft_path(name):
         return dft_import.to_reference_set(dft_import.import_dft(name), prop, Path(name).name)
     return load_lab_csv(name, property=prop)
+
+
+def _parses(text: str) -> bool:
+    """True when ``text`` reads as a formula as written."""
+    try:
+        reduced_formula(text)
+    except ValueError:
+        return False
+    return True
 
 
 def finite_float(value: Any) -> float | None:
