@@ -48,6 +48,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter, softmax
 
+from materials.errors import InputError
 from materials.features import ELEMENT_PROPERTIES, FeatureError, element_properties, parse_composition
 
 #: Fidelities the ensemble predicts.
@@ -79,7 +80,7 @@ POOL_MIN = 20
 GAP_SOURCE = "composition"
 
 
-class BandGapError(ValueError):
+class BandGapError(InputError):
     """A formula cannot be turned into a composition graph, or the model file is unusable; the message says why."""
 
 
@@ -136,6 +137,36 @@ class GapTrainSettings:
     metal_loss_weight: float = 1.0
     anchor_nonmetal_weight: float = 0.0
     anchor_bound_weight: float = 0.0
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class GapCalibrationSettings:
+    """Post-hoc calibration that :func:`calibrate_ensemble` fits on validation compositions (no retraining).
+
+    Attributes:
+        expt_inputs: inputs of the experimental fidelity's :class:`MetalCalibration` (names from
+            :data:`CALIBRATION_INPUTS`).
+        nonmetal_weight: total weight, relative to the Zhuo validation compositions it is fitted on, of the MP
+            validation compositions with a PBE gap >= ``nonmetal_min_pbe_gap`` (:func:`known_nonmetals`, labelled
+            non-metal) in that fit. 0 = Zhuo alone.
+        nonmetal_min_pbe_gap: eV, see above.
+        interval_gap_weight: the experimental interval's unit is ``sigma + interval_gap_weight * mu`` (the
+            non-metal gap, :func:`interval_width`); 0 = sigma alone.
+    """
+
+    expt_inputs: tuple[str, ...] = (
+        "logit_p",
+        "logit_p_pbe",
+        "balanced",
+        "en_range",
+        "balanced_en_range",
+        "en_max",
+        "metal_fraction",
+        "transition_metal_fraction",
+    )
+    nonmetal_weight: float = 0.12
+    nonmetal_min_pbe_gap: float = 0.5
+    interval_gap_weight: float = 0.1
 
 
 # -------------------------------------------------------------------------------------------------- graphs and data
@@ -457,15 +488,27 @@ def gap_metrics(pred: Mapping[str, np.ndarray], gap: np.ndarray) -> dict[str, fl
 # ------------------------------------------------------------------------------------------ calibrated metal call
 
 
+#: Columns of :func:`chemistry_features`.
+CHEMISTRY_COLUMNS = ("balanced", "en_range", "en_max", "metal_fraction", "transition_metal_fraction")
+#: Inputs of a :class:`MetalCalibration`, by name: the logit of the ensemble's P(metal) at the calibrated fidelity
+#: (``logit_p``) and at PBE (``logit_p_pbe``, the classifier trained on ~70k MP compositions), the product
+#: ``balanced_en_range``, and the columns of :func:`chemistry_features`.
+CALIBRATION_INPUTS = ("logit_p", "logit_p_pbe", "balanced_en_range", *CHEMISTRY_COLUMNS)
+#: The inputs of calibrations stored before the inputs were named (and of the PBE fidelity's).
+BASE_CALIBRATION_INPUTS = ("logit_p", "balanced", "en_range", "balanced_en_range")
+
+
 def chemistry_features(formulas: Sequence[str]) -> np.ndarray:
-    """Per formula (n, 2): charge balance with common oxidation states (1/0; SMACT-style, Pauling test; an
-    element alone is not balanced) and the Pauling electronegativity range (max - min, 0 for one element or an
-    element without a value). What chemistry knows about metals: a balanced, strongly ionic formula rarely is one."""
+    """Per formula (n, 5), columns :data:`CHEMISTRY_COLUMNS`: charge balance with common oxidation states (1/0;
+    SMACT-style, Pauling test; an element alone is not balanced), the Pauling electronegativity range (max - min,
+    0 for one element) and maximum (the anion's, 0 for elements without a value: noble gases), and the atomic
+    fractions of metals and of transition metals (pymatgen's element classes). What chemistry knows about
+    metals: a balanced, strongly ionic formula rarely is one; a formula of metal atoms often is."""
     from pymatgen.core import Composition
 
     from materials.candidates import charge_balanced
 
-    out = np.zeros((len(formulas), 2))
+    out = np.zeros((len(formulas), len(CHEMISTRY_COLUMNS)))
     for i, formula in enumerate(formulas):
         comp = Composition(formula)
         symbols = [el.symbol for el in comp.elements]
@@ -477,6 +520,10 @@ def chemistry_features(formulas: Sequence[str]) -> np.ndarray:
                 out[i, 0] = 0.0
         eneg = [el.X for el in comp.elements if el.X == el.X]  # NaN for noble gases
         out[i, 1] = (max(eneg) - min(eneg)) if len(eneg) > 1 else 0.0
+        out[i, 2] = max(eneg, default=0.0)
+        total = sum(amounts)
+        out[i, 3] = sum(a for el, a in zip(comp.elements, amounts, strict=True) if el.is_metal) / total
+        out[i, 4] = sum(a for el, a in zip(comp.elements, amounts, strict=True) if el.is_transition_metal) / total
     return out
 
 
@@ -489,63 +536,124 @@ def _logit(p: np.ndarray) -> np.ndarray:
 class MetalCalibration:
     """P(metal) recalibrated on validation compositions, conditioned on what chemistry knows.
 
-    ``logit P = w . [logit p_ens, balanced, dEN, balanced * dEN] + b`` (logistic regression; ``p_ens`` the ensemble
-    mean of the members' classifiers, ``balanced`` and ``dEN`` from :func:`chemistry_features`), fitted where the
-    labels are known; ``prior_fit`` is the metal fraction there. A screening pool of charge-balanced candidates
-    has far fewer metals than the training data (held-out Zhuo: 20 % of balanced compositions are metals, 56 %
-    of all): conditioning on charge balance carries that shift. A further Bayes shift of the odds to another prior
-    (:meth:`probability` with ``prior``; :func:`estimate_pool_prior` estimates it from a pool's own predictions
-    under label shift) was measured worse on held-out balanced compositions (benchmarks/bandgap_accuracy.py) and
-    is not applied by default.
+    ``logit P = w . x + b`` (logistic regression) with ``x`` the named ``inputs`` (:data:`CALIBRATION_INPUTS`:
+    the logit of the ensemble mean of the members' classifiers, that of the PBE members at the experimental
+    fidelity, and the :func:`chemistry_features`), fitted where the labels are known; ``prior_fit`` is the
+    (weighted) metal fraction there. A screening pool of charge-balanced candidates has far fewer metals than the
+    training data (held-out Zhuo: 20 % of balanced compositions are metals, 56 % of all): conditioning on charge
+    balance, and fitting beside known non-metals from outside Zhuo's population (:func:`calibrate_ensemble`),
+    carries that shift. A further Bayes shift of the odds to another prior (:meth:`probability` with ``prior``;
+    :func:`estimate_pool_prior` estimates it from a pool's own predictions under label shift) was measured worse
+    on held-out balanced compositions (benchmarks/bandgap_accuracy.py) and is not applied by default.
     """
 
     weights: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)
     bias: float = 0.0
     prior_fit: float = 0.5
+    inputs: tuple[str, ...] = BASE_CALIBRATION_INPUTS
+
+    def __post_init__(self):
+        unknown = [name for name in self.inputs if name not in CALIBRATION_INPUTS]
+        if unknown or len(self.weights) != len(self.inputs):
+            raise BandGapError(
+                f"metal calibration: {len(self.weights)=} weights for inputs {list(self.inputs)}; "
+                f"unknown {unknown}, known {list(CALIBRATION_INPUTS)}"
+            )
+
+    @property
+    def needs_pbe(self) -> bool:
+        """Whether :meth:`design` reads the PBE members' P(metal)."""
+        return "logit_p_pbe" in self.inputs
 
     @staticmethod
-    def design(p_ensemble: np.ndarray, chemistry: np.ndarray) -> np.ndarray:
-        z = _logit(np.asarray(p_ensemble, dtype=float))
-        return np.column_stack([z, chemistry[:, 0], chemistry[:, 1], chemistry[:, 0] * chemistry[:, 1]])
+    def columns(
+        p_ensemble: np.ndarray, chemistry: np.ndarray, p_pbe: np.ndarray | None, inputs: Sequence[str]
+    ) -> np.ndarray:
+        """Design matrix (n, len(inputs)) of the named inputs; ``chemistry`` from :func:`chemistry_features`."""
+        chem = dict(zip(CHEMISTRY_COLUMNS, np.asarray(chemistry, dtype=float).T, strict=True))
+        values: dict[str, Callable[[], np.ndarray]] = {
+            "logit_p": lambda: _logit(np.asarray(p_ensemble, dtype=float)),
+            "logit_p_pbe": lambda: _logit(np.asarray(p_pbe, dtype=float)),
+            "balanced_en_range": lambda: chem["balanced"] * chem["en_range"],
+        }
+        if "logit_p_pbe" in inputs and p_pbe is None:
+            raise BandGapError("this metal calibration reads the PBE members' P(metal): pass p_pbe")
+        return np.column_stack([values[name]() if name in values else chem[name] for name in inputs])
+
+    def design(self, p_ensemble: np.ndarray, chemistry: np.ndarray, p_pbe: np.ndarray | None = None) -> np.ndarray:
+        return self.columns(p_ensemble, chemistry, p_pbe, self.inputs)
 
     @classmethod
-    def fit(cls, p_ensemble: np.ndarray, chemistry: np.ndarray, is_metal: np.ndarray) -> MetalCalibration:
-        """Logistic regression (scikit-learn, L2 C=1) of the metal labels of validation compositions."""
+    def fit(
+        cls,
+        p_ensemble: np.ndarray,
+        chemistry: np.ndarray,
+        is_metal: np.ndarray,
+        p_pbe: np.ndarray | None = None,
+        inputs: Sequence[str] = BASE_CALIBRATION_INPUTS,
+        sample_weight: np.ndarray | None = None,
+    ) -> MetalCalibration:
+        """Logistic regression (scikit-learn, L2 C=1) of the metal labels of validation compositions, each with
+        ``sample_weight`` (default 1)."""
         from sklearn.linear_model import LogisticRegression
 
         labels = np.asarray(is_metal, dtype=int)
         if labels.min() == labels.max():
             raise BandGapError("calibrating P(metal) needs metals and non-metals among the validation compositions")
-        model = LogisticRegression(C=1.0, max_iter=1000).fit(cls.design(p_ensemble, chemistry), labels)
-        return cls(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]), float(labels.mean()))
+        weight = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        x = cls.columns(p_ensemble, chemistry, p_pbe, inputs)
+        model = LogisticRegression(C=1.0, max_iter=5000).fit(x, labels, sample_weight=weight)
+        prior = float(np.sum(weight * labels) / np.sum(weight))
+        return cls(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]), prior, tuple(inputs))
 
-    def probability(self, p_ensemble: np.ndarray, chemistry: np.ndarray, prior: float | None = None) -> np.ndarray:
+    def probability(
+        self,
+        p_ensemble: np.ndarray,
+        chemistry: np.ndarray,
+        prior: float | None = None,
+        p_pbe: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Calibrated P(metal), shape (n,); ``prior`` (metal fraction of the pool) shifts the odds from
         ``prior_fit`` to it (None: the fitting population's)."""
-        logit = self.design(p_ensemble, chemistry) @ np.asarray(self.weights) + self.bias
+        logit = self.design(p_ensemble, chemistry, p_pbe) @ np.asarray(self.weights) + self.bias
         if prior is not None:
             prior = float(np.clip(prior, 1e-4, 1 - 1e-4))
             logit = logit + math.log(prior / (1 - prior)) - math.log(self.prior_fit / (1 - self.prior_fit))
         return 1.0 / (1.0 + np.exp(-logit))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"weights": list(self.weights), "bias": self.bias, "prior_fit": self.prior_fit}
+        return {
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "prior_fit": self.prior_fit,
+            "inputs": list(self.inputs),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MetalCalibration:
-        return cls(tuple(data["weights"]), float(data["bias"]), float(data["prior_fit"]))
+        inputs = tuple(data.get("inputs", BASE_CALIBRATION_INPUTS))
+        return cls(tuple(data["weights"]), float(data["bias"]), float(data["prior_fit"]), inputs)
 
 
-def estimate_pool_prior(calibration: MetalCalibration, p_ensemble: np.ndarray, chemistry: np.ndarray) -> float:
+def estimate_pool_prior(
+    calibration: MetalCalibration, p_ensemble: np.ndarray, chemistry: np.ndarray, p_pbe: np.ndarray | None = None
+) -> float:
     """The metal fraction of a pool from its own calibrated predictions, by expectation-maximisation under label
     shift (Saerens, Latinne & Decaestecker, Neural Comput. 14, 21 (2002)): prior <- mean P(metal | prior)."""
     prior = calibration.prior_fit
     for _ in range(200):
-        new = float(np.mean(calibration.probability(p_ensemble, chemistry, prior)))
+        new = float(np.mean(calibration.probability(p_ensemble, chemistry, prior, p_pbe)))
         if abs(new - prior) < 1e-6:
             break
         prior = new
     return prior
+
+
+def interval_width(pred: Mapping[str, np.ndarray], gap_weight: float = 0.0) -> np.ndarray:
+    """The unit of the conformal interval, eV, shape (n,): ``std + gap_weight * mu`` (the ensemble sigma, plus a
+    part proportional to the non-metal gap ``mu``, whatever the metal call: errors grow with the gap faster than the
+    sigma does; a compound called a metal at P(metal) 0.6 keeps room for its non-metal gap)."""
+    return np.asarray(pred["std"]) + gap_weight * np.asarray(pred["mu"])
 
 
 def conformal_scale(error: np.ndarray, std: np.ndarray, coverage: float = INTERVAL_COVERAGE) -> float:
@@ -574,32 +682,84 @@ def reliability(p: np.ndarray, is_metal: np.ndarray, bins: int = 10) -> dict[str
     return {"ece": float(ece), "curve": curve}
 
 
-def calibrate_ensemble(ensemble: GapEnsemble, validation: Mapping[str, GapDataset]) -> dict[str, float]:
-    """Fit, per fidelity, on that fidelity's validation compositions (labels known, none trained on): the
-    :class:`MetalCalibration` and the sigma scale on one half (split by a hash of the formula), then the split-
-    conformal interval factor on all of them (on one half alone, ~120 Zhuo compositions, the 90 % quantile was
-    too noisy: 93 % held-out coverage against 92 % with all). Updates ``ensemble`` in place; returns what was
-    fitted (for logging)."""
+def calibration_half(formulas: Sequence[str]) -> np.ndarray:
+    """Boolean mask (n,): the half of a validation set that :func:`calibrate_ensemble` fits P(metal) and sigma
+    on (a hash of the formula; the other half stays unseen by those fits)."""
+    return np.array([int(hashlib.sha256(f.encode()).hexdigest(), 16) % 2 == 0 for f in formulas], dtype=bool)
+
+
+def known_nonmetals(pbe_validation: GapDataset, min_pbe_gap: float) -> GapDataset:
+    """The compositions of a PBE validation set with a PBE gap of at least ``min_pbe_gap`` (eV): semi-local DFT
+    underestimates gaps, so each is a non-metal in experiment too. Outside Zhuo's population (MP: oxides,
+    halides, charge-balanced phases rather than intermetallics), they tell the experimental metal call what
+    non-metals look like there."""
+    return pbe_validation.subset(np.flatnonzero(pbe_validation.gap >= min_pbe_gap))
+
+
+def _mean_p(outputs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    return np.mean([o["p_metal"] for o in outputs], axis=0)
+
+
+def calibrate_ensemble(
+    ensemble: GapEnsemble, validation: Mapping[str, GapDataset], settings: GapCalibrationSettings | None = None
+) -> dict[str, float]:
+    """Fit, per fidelity, on validation compositions (labels known, none trained on): the :class:`MetalCalibration`
+    and the sigma scale on one half (:func:`calibration_half`), then the split-conformal interval factor on all of
+    them (on one half alone, ~120 Zhuo compositions, the 90 % quantile was too noisy: 93 % held-out coverage
+    against 92 % with all). Updates ``ensemble`` in place; returns what was fitted (for logging).
+
+    ``validation``: ``pbe`` (MP) and ``expt`` (Zhuo) validation sets. The experimental fidelity's P(metal) reads
+    ``settings.expt_inputs`` and is fitted on its half of Zhuo plus, labelled non-metal, the same half of the
+    :func:`known_nonmetals` of the PBE validation set, weighing ``settings.nonmetal_weight`` times the Zhuo
+    compositions in all. The PBE fidelity keeps :data:`BASE_CALIBRATION_INPUTS` on MP labels alone.
+    """
+    settings = settings or GapCalibrationSettings()
     fitted: dict[str, float] = {}
     for fidelity, val in validation.items():
         if not len(val):
             continue
-        half = np.array([int(hashlib.sha256(f.encode()).hexdigest(), 16) % 2 for f in val.formulas]) == 0
-        first = val.subset(np.flatnonzero(half))
+        first = val.subset(np.flatnonzero(calibration_half(val.formulas)))
         outputs = ensemble.outputs(fidelity, first)
-        p_ensemble = np.mean([o["p_metal"] for o in outputs], axis=0)
-        chemistry = chemistry_features(first.formulas)
-        calibration = MetalCalibration.fit(p_ensemble, chemistry, first.gap <= METAL_THRESHOLD)
+        fit_sets = [(first, np.ones(len(first)))]
+        inputs: tuple[str, ...] = BASE_CALIBRATION_INPUTS
+        if fidelity != "pbe":
+            inputs = tuple(settings.expt_inputs)
+            pbe_val = validation.get("pbe")
+            if settings.nonmetal_weight > 0 and pbe_val is not None and len(pbe_val):
+                anchors = known_nonmetals(pbe_val, settings.nonmetal_min_pbe_gap)
+                anchors = anchors.subset(np.flatnonzero(calibration_half(anchors.formulas)))
+                if len(anchors):
+                    weight = settings.nonmetal_weight * len(first) / len(anchors)
+                    fit_sets.append((anchors, np.full(len(anchors), weight)))
+        needs_pbe = "logit_p_pbe" in inputs
+        p_fit, p_pbe_fit, chemistry, labels = [], [], [], []
+        for data, _ in fit_sets:
+            own = outputs if data is first else ensemble.outputs(fidelity, data)
+            p_fit.append(_mean_p(own))
+            p_pbe_fit.append(_mean_p(ensemble.outputs("pbe", data)) if needs_pbe else np.zeros(len(data)))
+            chemistry.append(chemistry_features(data.formulas))
+            labels.append(data.gap <= METAL_THRESHOLD if data is first else np.zeros(len(data), dtype=bool))
+        calibration = MetalCalibration.fit(
+            np.concatenate(p_fit),
+            np.concatenate(chemistry),
+            np.concatenate(labels),
+            np.concatenate(p_pbe_fit) if needs_pbe else None,
+            inputs,
+            np.concatenate([w for _, w in fit_sets]),
+        )
         ensemble.metal_calibration[fidelity] = calibration
-        p = calibration.probability(p_ensemble, chemistry)
+        p = calibration.probability(p_fit[0], chemistry[0], p_pbe=p_pbe_fit[0] if needs_pbe else None)
         raw = combine_members(outputs, metal_cut=METAL_DECISION, p_metal=p)
         ensemble.sigma_scale[fidelity] = fit_sigma_scale(raw["gap"] - first.gap, raw["std"])
+        ensemble.interval_gap_weight[fidelity] = settings.interval_gap_weight if fidelity != "pbe" else 0.0
         pred = ensemble.predict_dataset(fidelity, val)
-        ensemble.interval_scale[fidelity] = conformal_scale(pred["gap"] - val.gap, pred["std"])
+        width = interval_width(pred, ensemble.interval_gap_weight[fidelity])
+        ensemble.interval_scale[fidelity] = conformal_scale(pred["gap"] - val.gap, width)
         fitted |= {
             f"sigma_scale_{fidelity}": ensemble.sigma_scale[fidelity],
             f"interval_scale_{fidelity}": ensemble.interval_scale[fidelity],
             f"metal_prior_fit_{fidelity}": calibration.prior_fit,
+            f"metal_calibration_n_{fidelity}": float(sum(len(d) for d, _ in fit_sets)),
         }
     return fitted
 
@@ -756,31 +916,43 @@ class GapEnsemble:
     info: dict[str, Any] = field(default_factory=dict)
     metal_calibration: dict[str, MetalCalibration] = field(default_factory=dict)
     interval_scale: dict[str, float] = field(default_factory=dict)
+    interval_gap_weight: dict[str, float] = field(default_factory=dict)
 
     def outputs(self, fidelity: str, data: GapDataset) -> list[dict[str, np.ndarray]]:
         return [model_outputs(m, data) for m in self.members[fidelity]]
 
     def calibrated(
-        self, fidelity: str, data: GapDataset, outputs: Sequence[Mapping[str, np.ndarray]], prior: float | str | None
+        self,
+        fidelity: str,
+        data: GapDataset,
+        outputs: Sequence[Mapping[str, np.ndarray]],
+        prior: float | str | None,
+        pbe_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
     ) -> dict[str, np.ndarray]:
         """:func:`combine_members` with the calibrated P(metal) (decision at :data:`METAL_DECISION`) when the
-        ensemble has one, plus ``lo``/``hi`` (the conformal interval, eV) and ``prior`` (the metal prior used)."""
+        ensemble has one, plus ``lo``/``hi`` (the conformal interval, eV) and ``prior`` (the metal prior used).
+        ``pbe_outputs``: the PBE members' outputs on ``data``, when a calibration reads them (computed if None)."""
         calibration = self.metal_calibration.get(fidelity)
         if calibration is None:
             pred = combine_members(outputs, self.sigma_scale[fidelity], self.metal_cut[fidelity])
             used = math.nan
         else:
             chemistry = chemistry_features(data.formulas)
-            p_ensemble = np.mean([o["p_metal"] for o in outputs], axis=0)
+            p_ensemble = _mean_p(outputs)
+            p_pbe = None
+            if calibration.needs_pbe:
+                p_pbe = _mean_p(self.outputs("pbe", data) if pbe_outputs is None else pbe_outputs)
             if prior == "pool":  # a handful of formulas is no pool: their own predictions cannot set a prior
                 enough = len(set(data.formulas)) >= POOL_MIN
-                prior = estimate_pool_prior(calibration, p_ensemble, chemistry) if enough else None
-            p = calibration.probability(p_ensemble, chemistry, prior)
+                prior = estimate_pool_prior(calibration, p_ensemble, chemistry, p_pbe) if enough else None
+            p = calibration.probability(p_ensemble, chemistry, prior, p_pbe)
             pred = combine_members(outputs, self.sigma_scale[fidelity], METAL_DECISION, p_metal=p)
             used = calibration.prior_fit if prior is None else float(prior)
-        q = self.interval_scale.get(fidelity, 2.0)
-        pred["lo"] = np.maximum(0.0, pred["gap"] - q * pred["std"])
-        pred["hi"] = pred["gap"] + q * pred["std"]
+        half_width = self.interval_scale.get(fidelity, 2.0) * interval_width(
+            pred, self.interval_gap_weight.get(fidelity, 0.0)
+        )
+        pred["lo"] = np.maximum(0.0, pred["gap"] - half_width)
+        pred["hi"] = pred["gap"] + half_width
         pred["prior"] = np.full(len(pred["gap"]), used)
         return pred
 
@@ -804,6 +976,7 @@ class GapEnsemble:
             "metal_cut": dict(self.metal_cut),
             "metal_calibration": {f: c.as_dict() for f, c in self.metal_calibration.items()},
             "interval_scale": dict(self.interval_scale),
+            "interval_gap_weight": dict(self.interval_gap_weight),
             "info": self.info,
         }
         torch.save(payload, path)
@@ -843,6 +1016,7 @@ class GapEnsemble:
             payload.get("info", {}),
             calibration,
             dict(payload.get("interval_scale", {})),
+            dict(payload.get("interval_gap_weight", {})),
         )
 
 
@@ -911,8 +1085,9 @@ def predict_gaps(
             np.zeros(len(pairs), dtype=np.float32),
         )
         with torch.inference_mode():
-            pbe = ensemble.predict_dataset("pbe", data, metal_prior)
-            expt = ensemble.predict_dataset("expt", data, metal_prior)
+            pbe_outputs = ensemble.outputs("pbe", data)
+            pbe = ensemble.calibrated("pbe", data, pbe_outputs, metal_prior)
+            expt = ensemble.calibrated("expt", data, ensemble.outputs("expt", data), metal_prior, pbe_outputs)
         for k, i in enumerate(where):
             rows[i].update(
                 gap_pbe=float(pbe["gap"][k]),

@@ -8,6 +8,7 @@ assembles the data splits, logs to MLflow and writes files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -21,21 +22,28 @@ from pydantic import Field
 from pymatgen.core import Composition
 
 from materials.bandgap import (
+    BASE_CALIBRATION_INPUTS,
     FIDELITIES,
     METAL_DECISION,
     METAL_THRESHOLD,
     POOL_MIN,
     PREDICTION_COLUMNS,
     BandGapError,
+    GapCalibrationSettings,
     GapDataset,
     GapEnsemble,
     GapModelSettings,
     GapNet,
     GapTrainSettings,
+    MetalCalibration,
     calibrate_ensemble,
+    calibration_half,
     chemistry_features,
+    conformal_scale,
     finetune_expt_model,
     gap_metrics,
+    interval_width,
+    known_nonmetals,
     predict_gaps,
     reference_gaps,
     reliability,
@@ -43,8 +51,9 @@ from materials.bandgap import (
     split_gaps,
     train_pbe_model,
 )
+from materials.errors import InputError
 from pipelines.config import TrackingSettings, _Strict, load_yaml_config
-from pipelines.tracking import Tracker, git_commit
+from pipelines.tracking import Tracker, git_commit, redact
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,7 @@ class BandGapConfig(_Strict):
     model: GapModelSettings = Field(default_factory=GapModelSettings)
     training: GapTrainSettings = Field(default_factory=GapTrainSettings)
     data: GapDataSettings = Field(default_factory=GapDataSettings)
+    calibration: GapCalibrationSettings = Field(default_factory=GapCalibrationSettings)
     tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="semidisc-bandgap"))
     registered_model_name: str | None = "semidisc-bandgap"
     output: str = Field(default="materials/data/bandgap_ensemble.pt", description="where the ensemble is written")
@@ -204,16 +214,134 @@ def evaluate_ensemble(ensemble: GapEnsemble, data: dict[str, GapDataset]) -> dic
     return metrics
 
 
+def validation_metrics(
+    ensemble: GapEnsemble, data: dict[str, GapDataset], settings: GapCalibrationSettings
+) -> dict[str, float]:
+    """What the calibration settings were chosen on (validation compositions only): ``val_known_nonmetal_*``, the
+    fraction of the MP validation compositions with a PBE gap >= ``settings.nonmetal_min_pbe_gap`` (experimental
+    non-metals, :func:`materials.bandgap.known_nonmetals`) in the half the calibration did not see that
+    ``gap_expt`` calls metal (all, and the charge-balanced ones: a screening pool's population); and
+    ``val_known_nonmetal_below_hi``, the fraction whose 90 % interval ends above the PBE gap (the experimental
+    gap lies above it, so an interval below it misses for certain)."""
+    known = known_nonmetals(data["mp_val"], settings.nonmetal_min_pbe_gap)
+    unseen = known.subset(np.flatnonzero(~calibration_half(known.formulas)))
+    if not len(unseen):
+        return {}
+    pred = ensemble.predict_dataset("expt", unseen)
+    metal = pred["gap"] <= METAL_THRESHOLD
+    balanced = chemistry_features(unseen.formulas)[:, 0] > 0
+    return {
+        "val_known_nonmetal_n": float(len(unseen)),
+        "val_known_nonmetal_called_metal": float(metal.mean()),
+        "val_known_nonmetal_balanced_called_metal": float(metal[balanced].mean()) if balanced.any() else math.nan,
+        "val_known_nonmetal_hi_above_pbe": float(np.mean(pred["hi"] >= unseen.gap)),
+    }
+
+
+def calibration_sweep(
+    ensemble: GapEnsemble,
+    data: dict[str, GapDataset],
+    settings: GapCalibrationSettings,
+    nonmetal_weights: tuple[float, ...] = (0.0, 0.05, 0.1, 0.12, 0.14, 0.16, 0.2),
+    gap_weights: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2),
+    repeats: int = 10,
+) -> dict[str, list[dict[str, float]]]:
+    """The validation evidence for ``settings`` (validation compositions only; the members stay as trained).
+
+    ``metal``: per input set (:data:`~materials.bandgap.BASE_CALIBRATION_INPUTS`, ``settings.expt_inputs``) and
+    known-non-metal weight, the experimental P(metal) fitted as :func:`~materials.bandgap.calibrate_ensemble` does
+    on 4/5 of Zhuo val (repeated stratified 5-fold) plus the fitting half of the MP val known non-metals:
+    ``zhuo_cv_mae`` (eV, gap_expt on the left-out fifth), ``zhuo_cv_false_metal``, ``zhuo_cv_missed_metal``, and the
+    fraction of the unseen half of the known non-metals called metal (``mp_called_metal``, all;
+    ``mp_balanced_called_metal``, charge-balanced). ``interval``: per ``interval_gap_weight`` with the ensemble's
+    P(metal), the coverage on one hash half of Zhuo val of the interval fitted on the other (both ways, mean),
+    overall and where the reported gap is >= 2.5 eV, the mean width (eV), and the fraction of the unseen known
+    non-metals whose interval reaches their PBE gap.
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    val, known = data["expt_val"], known_nonmetals(data["mp_val"], settings.nonmetal_min_pbe_gap)
+    fit_known, unseen = calibration_half(known.formulas), ~calibration_half(known.formulas)
+
+    def inputs_of(d: GapDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = np.mean([o["p_metal"] for o in ensemble.outputs("expt", d)], axis=0)
+        return p, np.mean([o["p_metal"] for o in ensemble.outputs("pbe", d)], axis=0), chemistry_features(d.formulas)
+
+    (pv, pbv, cv), (pk, pbk, ck) = inputs_of(val), inputs_of(known)
+    mu = np.mean([o["mu"] for o in ensemble.outputs("expt", val)], axis=0)
+    is_metal, balanced = val.gap <= METAL_THRESHOLD, ck[:, 0] > 0
+    metal_rows = []
+    for inputs in (BASE_CALIBRATION_INPUTS, tuple(settings.expt_inputs)):
+        for weight in nonmetal_weights:
+            scores: dict[str, list[float]] = {}
+            folds = RepeatedStratifiedKFold(n_splits=5, n_repeats=repeats, random_state=0)
+            for train, test in folds.split(pv, is_metal):
+                extra = np.flatnonzero(fit_known) if weight > 0 else np.zeros(0, dtype=int)
+                calibration = MetalCalibration.fit(
+                    np.concatenate([pv[train], pk[extra]]),
+                    np.concatenate([cv[train], ck[extra]]),
+                    np.concatenate([is_metal[train], np.zeros(len(extra), dtype=bool)]),
+                    np.concatenate([pbv[train], pbk[extra]]),
+                    inputs,
+                    np.concatenate(
+                        [np.ones(len(train)), np.full(len(extra), weight * len(train) / max(len(extra), 1))]
+                    ),
+                )
+                metal = calibration.probability(pv[test], cv[test], p_pbe=pbv[test]) >= METAL_DECISION
+                called = calibration.probability(pk[unseen], ck[unseen], p_pbe=pbk[unseen]) >= METAL_DECISION
+                for key, value in (
+                    ("zhuo_cv_mae", np.mean(np.abs(np.where(metal, 0.0, mu[test]) - val.gap[test]))),
+                    ("zhuo_cv_false_metal", np.mean(metal[~is_metal[test]])),
+                    ("zhuo_cv_missed_metal", np.mean(~metal[is_metal[test]])),
+                    ("mp_called_metal", np.mean(called)),
+                    ("mp_balanced_called_metal", np.mean(called[balanced[unseen]])),
+                ):
+                    scores.setdefault(key, []).append(float(value))
+            metal_rows.append(
+                {"inputs": len(inputs), "nonmetal_weight": weight} | {k: float(np.mean(v)) for k, v in scores.items()}
+            )
+    pred, pred_known = (
+        ensemble.predict_dataset("expt", val),
+        ensemble.predict_dataset("expt", known.subset(np.flatnonzero(unseen))),
+    )
+    half = calibration_half(val.formulas)
+    interval_rows = []
+    for gap_weight in gap_weights:
+        width, error = interval_width(pred, gap_weight), np.abs(pred["gap"] - val.gap)
+        coverage, wide = [], []
+        for fit, check in ((half, ~half), (~half, half)):
+            inside = error[check] <= conformal_scale(error[fit], width[fit]) * width[check]
+            coverage.append(inside.mean())
+            wide.append(inside[pred["gap"][check] >= 2.5].mean())
+        q = conformal_scale(error, width)
+        hi_known = pred_known["gap"] + q * interval_width(pred_known, gap_weight)
+        interval_rows.append(
+            {
+                "interval_gap_weight": gap_weight,
+                "zhuo_cross_half_coverage": float(np.mean(coverage)),
+                "zhuo_cross_half_coverage_gap_ge_2.5": float(np.mean(wide)),
+                "zhuo_mean_width": float(np.mean(np.minimum(pred["gap"], q * width) + q * width)),
+                "mp_hi_above_pbe": float(np.mean(hi_known >= known.gap[unseen])),
+            }
+        )
+    return {"metal": metal_rows, "interval": interval_rows}
+
+
 def recalibrate(config: BandGapConfig, path: str | Path | None = None) -> dict[str, Any]:
     """Recalibrate a trained ensemble (default: ``config.output``) on its validation compositions without
-    retraining (P(metal), sigma, conformal interval), evaluate it, write it back. Returns the metrics."""
+    retraining (P(metal), sigma, conformal interval; ``config.calibration``), evaluate it, write it back. Returns
+    the metrics."""
     path = Path(path or config.output)
     ensemble = GapEnsemble.load(path)
     data = build_datasets(config)
-    fitted = calibrate_ensemble(ensemble, {"pbe": data["mp_val"], "expt": data["expt_val"]})
-    metrics = evaluate_ensemble(ensemble, data) | fitted
+    validation = {"pbe": data["mp_val"], "expt": data["expt_val"]}
+    fitted = calibrate_ensemble(ensemble, validation, config.calibration)
+    metrics = evaluate_ensemble(ensemble, data) | validation_metrics(ensemble, data, config.calibration) | fitted
     ensemble.info = dict(
-        ensemble.info, metrics=metrics, recalibrated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ensemble.info,
+        metrics=metrics,
+        calibration=config.model_dump(mode="json")["calibration"],
+        recalibrated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     ensemble.save(path)
     return metrics
@@ -301,7 +429,7 @@ def run_train_gap(config: BandGapConfig, resume: bool = True, only_members: list
         history: dict[str, list[dict[str, float]]] = {}
         for k in only_members if only_members is not None else range(config.members):
             if not 0 <= k < config.members:
-                raise ValueError(f"member {k} is outside 0..{config.members - 1}")
+                raise InputError(f"member {k} is outside 0..{config.members - 1}")
             pbe, pbe_history = _member_stage(config, data, work, k, "pbe", resume)
             expt, expt_history = _member_stage(config, data, work, k, "expt", resume, pbe)
             members["pbe"].append(pbe)
@@ -323,12 +451,14 @@ def run_train_gap(config: BandGapConfig, resume: bool = True, only_members: list
             }
         ensemble = GapEnsemble(config.model, members)
         # calibration on validation compositions: P(metal), sigma, the conformal interval (materials.bandgap)
-        fitted = calibrate_ensemble(ensemble, {"pbe": data["mp_val"], "expt": data["expt_val"]})
-        metrics = evaluate_ensemble(ensemble, data) | fitted
+        validation = {"pbe": data["mp_val"], "expt": data["expt_val"]}
+        fitted = calibrate_ensemble(ensemble, validation, config.calibration)
+        metrics = evaluate_ensemble(ensemble, data) | validation_metrics(ensemble, data, config.calibration) | fitted
         seconds = time.perf_counter() - start
         metrics["train_seconds"] = seconds
         ensemble.info = {
-            "config": config.model_dump(mode="json"),
+            "config": redact(config.model_dump(mode="json")),  # the file is logged to MLflow and shipped
+            "calibration": config.model_dump(mode="json")["calibration"],
             "counts": counts,
             "metrics": metrics,
             "git_commit": git_commit(),
@@ -414,15 +544,18 @@ def predict_gap_csv(
     Raises:
         FileNotFoundError: no input file. ValueError: no such column (listing the columns).
     """
+    from materials.reference import read_text_file
+
     input_csv = Path(input_csv)
     if not input_csv.is_file():
         raise FileNotFoundError(f"{input_csv}: no such file")
-    with input_csv.open(newline="") as handle:  # csv module, not pandas: pandas reads the formula "NaN" as missing
+    # csv module, not pandas: pandas reads the formula "NaN" as missing; a byte-order mark (Excel) is dropped
+    with io.StringIO(read_text_file(input_csv), newline="") as handle:
         reader = csv.reader(handle)
         columns = next(reader, [])
         records = [(reader.line_num, cells) for cells in reader]
     if formula_column not in columns:
-        raise ValueError(f"{input_csv}: no column {formula_column!r}; columns are {columns}")
+        raise InputError(f"{input_csv}: no column {formula_column!r}; columns are {columns}")
 
     def blank(cells: list[str]) -> bool:
         return len(cells) <= 1 and not "".join(cells).strip()

@@ -12,14 +12,19 @@ import pytest
 import torch
 
 from materials.bandgap import (
+    BASE_CALIBRATION_INPUTS,
     GAP_SOURCE,
     BandGapError,
+    GapCalibrationSettings,
     GapDataset,
+    GapEnsemble,
     GapModelSettings,
     GapNet,
     GapTrainSettings,
     MetalCalibration,
     anchor_loss,
+    calibrate_ensemble,
+    calibration_half,
     chemistry_features,
     collate_graphs,
     combine_members,
@@ -29,6 +34,8 @@ from materials.bandgap import (
     finetune_expt_model,
     formula_elements,
     gap_metrics,
+    interval_width,
+    known_nonmetals,
     model_outputs,
     predict_gaps,
     shipped_model_path,
@@ -265,17 +272,20 @@ def test_add_gap_columns_to_results_csv(tmp_path):
 
 
 def test_chemistry_features_by_hand():
-    feats = chemistry_features(["NaCl", "Cu3Au", "Si", "GaAs"])
-    assert feats[0, 0] == 1.0 and feats[0, 1] == pytest.approx(3.16 - 0.93)  # Pauling: Cl 3.16, Na 0.93
-    assert feats[1, 0] == 0.0  # an intermetallic is not charge balanced
-    assert feats[2].tolist() == [0.0, 0.0]  # an element: neither
-    assert feats[3, 0] == 1.0
+    # columns: balanced, EN range, EN max, metal fraction, transition-metal fraction
+    feats = chemistry_features(["NaCl", "Cu3Au", "Si", "GaAs", "Ar"])
+    assert feats[0].tolist() == pytest.approx([1.0, 3.16 - 0.93, 3.16, 0.5, 0.0])  # Pauling: Cl 3.16, Na 0.93
+    assert feats[1].tolist() == pytest.approx([0.0, 2.54 - 1.90, 2.54, 1.0, 1.0])  # an intermetallic: not balanced
+    assert feats[2].tolist() == pytest.approx([0.0, 0.0, 1.90, 0.0, 0.0])  # an element: neither; Si no metal
+    assert feats[3, 0] == 1.0 and feats[3, 3] == 0.5  # Ga a metal, As not
+    assert feats[4].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0]  # a noble gas has no Pauling electronegativity
 
 
 def test_metal_calibration_prior_shift_is_bayes_rule():
     cal = MetalCalibration(weights=(1.0, -2.0, -0.5, 0.0), bias=0.3, prior_fit=0.5)
+    assert cal.inputs == BASE_CALIBRATION_INPUTS == ("logit_p", "balanced", "en_range", "balanced_en_range")
     p = np.array([0.2, 0.6, 0.9])
-    chem = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 0.5]])
+    chem = np.array([[1.0, 2.0, 3.0, 0.5, 0.0], [0.0, 0.0, 1.9, 0.0, 0.0], [1.0, 0.5, 2.5, 0.5, 0.5]])
     logit = np.log(p / (1 - p)) * 1.0 - 2.0 * chem[:, 0] - 0.5 * chem[:, 1] + 0.3
     assert cal.probability(p, chem) == pytest.approx(1 / (1 + np.exp(-logit)))
     assert cal.probability(p, chem, prior=0.5) == pytest.approx(cal.probability(p, chem))
@@ -286,8 +296,58 @@ def test_metal_calibration_prior_shift_is_bayes_rule():
     assert MetalCalibration.from_dict(cal.as_dict()) == cal
     # the EM estimate is a fixed point: the prior equals the mean shifted probability
     pool = np.linspace(0.05, 0.95, 40)
-    prior = estimate_pool_prior(cal, pool, np.zeros((40, 2)))
-    assert np.mean(cal.probability(pool, np.zeros((40, 2)), prior)) == pytest.approx(prior, abs=1e-5)
+    prior = estimate_pool_prior(cal, pool, np.zeros((40, 5)))
+    assert np.mean(cal.probability(pool, np.zeros((40, 5)), prior)) == pytest.approx(prior, abs=1e-5)
+    # a file written before the inputs were named reads as the base inputs
+    assert MetalCalibration.from_dict({"weights": [1, 0, 0, 0], "bias": 0.0, "prior_fit": 0.5}).inputs == cal.inputs
+
+
+def test_metal_calibration_named_inputs_read_the_pbe_classifier():
+    cal = MetalCalibration(
+        weights=(1.0, 2.0, -1.0, 0.5), bias=-0.2, inputs=("logit_p", "logit_p_pbe", "en_max", "metal_fraction")
+    )
+    p, p_pbe = np.array([0.3, 0.7]), np.array([0.5, 0.1])
+    chem = np.array([[1.0, 2.0, 3.0, 0.25, 0.0], [0.0, 0.0, 1.9, 1.0, 1.0]])
+    logit = np.log(p / (1 - p)) + 2.0 * np.log(p_pbe / (1 - p_pbe)) - chem[:, 2] + 0.5 * chem[:, 3] - 0.2
+    assert cal.needs_pbe and cal.probability(p, chem, p_pbe=p_pbe) == pytest.approx(1 / (1 + np.exp(-logit)))
+    with pytest.raises(BandGapError, match="p_pbe"):
+        cal.probability(p, chem)
+    assert MetalCalibration.from_dict(cal.as_dict()) == cal
+    with pytest.raises(BandGapError, match="unknown.*'colour'"):
+        MetalCalibration(weights=(1.0,), inputs=("colour",))
+
+
+def test_interval_width_grows_with_the_nonmetal_gap():
+    pred = {"std": np.array([0.2, 0.5]), "mu": np.array([1.0, 6.0]), "gap": np.array([0.0, 6.0])}
+    assert interval_width(pred).tolist() == pytest.approx([0.2, 0.5])
+    assert interval_width(pred, 0.1).tolist() == pytest.approx([0.3, 1.1])  # mu, not the reported (metal: 0) gap
+
+
+def test_calibration_is_fitted_on_validation_data_with_known_nonmetals_weighted(mp_sample):
+    """calibrate_ensemble reads only the validation sets it is given: the experimental P(metal) on one half of
+    the experimental set plus, labelled non-metal with the configured total weight, the same half of the PBE
+    set's compositions with a PBE gap >= the threshold; the interval on all of the experimental set."""
+    pbe_val, expt_val = mp_sample
+    torch.manual_seed(0)
+    ensemble = GapEnsemble(TINY, {f: [GapNet(TINY).eval(), GapNet(TINY).eval()] for f in ("pbe", "expt")})
+    known = known_nonmetals(pbe_val, 0.5)
+    assert len(known) and np.all(known.gap >= 0.5) and len(known) < np.sum(pbe_val.gap > 0)
+    first = calibration_half(expt_val.formulas)
+    n_first, metal_fraction = int(first.sum()), float(np.mean(expt_val.gap[first] <= 0))
+    n_known = int(calibration_half(known.formulas).sum())
+    for weight in (0.0, 0.5):
+        settings = GapCalibrationSettings(nonmetal_weight=weight, interval_gap_weight=0.1)
+        fitted = calibrate_ensemble(ensemble, {"pbe": pbe_val, "expt": expt_val}, settings)
+        calibration = ensemble.metal_calibration["expt"]
+        assert calibration.inputs == settings.expt_inputs and calibration.needs_pbe
+        assert ensemble.metal_calibration["pbe"].inputs == BASE_CALIBRATION_INPUTS
+        # the known non-metals weigh `weight` times the Zhuo half in all: the fitted prior is diluted by 1 + weight
+        assert calibration.prior_fit == pytest.approx(metal_fraction / (1 + weight))
+        assert fitted["metal_calibration_n_expt"] == n_first + (n_known if weight else 0)
+        pred = ensemble.predict_dataset("expt", expt_val)
+        inside = (expt_val.gap >= pred["lo"]) & (expt_val.gap <= pred["hi"])
+        assert 0.9 <= inside.mean() <= 0.97  # split conformal on these very compositions
+        assert ensemble.interval_gap_weight == {"pbe": 0.0, "expt": 0.1}
 
 
 def test_conformal_scale_is_the_right_order_statistic():
@@ -310,3 +370,7 @@ def test_shipped_model_calls_no_textbook_semiconductor_a_metal():
     metrics = torch.load(shipped_model_path(), weights_only=True)["info"]["metrics"]
     assert 0.88 <= metrics["expt_test_coverage90"] <= 0.92 and 0.88 <= metrics["mp_test_coverage90"] <= 0.92
     assert metrics["textbook_called_metal"] == 0
+    # what the calibration was chosen on (validation): charge-balanced known non-metals of the unseen half of MP val
+    assert metrics["val_known_nonmetal_balanced_called_metal"] < 0.05
+    assert 0.88 <= metrics["borlido_expt_coverage90"] <= 0.92 and metrics["borlido_expt_false_metal"] < 0.09
+    assert metrics["mp_test_mae"] <= 0.30
