@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/stability_accuracy.py
 	$(PY) benchmarks/bo_perovskites.py
 	$(PY) benchmarks/dft_gaps.py
+	$(PY) benchmarks/dft_magnetic.py --ecut 400 --kpoint-density 1.5
 	$(PY) benchmarks/bandgap_accuracy.py
 	$(PY) benchmarks/finetune_gain.py
 

@@ -6,6 +6,13 @@ non-self-consistent band path) and, on top of them, formation energies against e
 with the same settings and cached on disk (:func:`elemental_reference_energy`,
 :func:`formation_energy_per_atom`).
 
+Materials Project's methodology by default: compounds with magnetic elements (``MAGNETIC_ELEMENTS``) run
+spin-polarised from MP's initial moments, and :func:`magnetic_ground_state` picks the lowest of the ferromagnetic
+and simplest antiferromagnetic orderings (:func:`magnetic_orderings` builds the supercells); oxides and fluorides
+of the U metals run GGA+U with MP's U values (:func:`hubbard_u_values`); formation energies carry the MP2020
+correction (:func:`mp2020_correction_per_atom`), so they share the scale of the MLIP screen. ``dft.spinpol``,
+``dft.magnetic_order``, ``dft.hubbard_u`` and ``dft.mp2020`` override each part.
+
 GPAW total energies are relative to the isolated atoms of its PAW setups: they are not comparable with VASP or
 Materials Project total energies, and only differences at identical settings mean anything. Eigenvalues (VBM,
 CBM, Fermi level) are on GPAW's absolute scale, not referenced to a vacuum level.
@@ -20,6 +27,7 @@ belongs to the caller (one Ray task per calculation).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -41,9 +49,24 @@ from pymatgen.core import Composition, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from materials import stability
+from materials.errors import InputError, RunError
 
-#: Initial moment (μB/atom) for spin-polarised runs on structures that carry no ``magmom`` site property.
-DEFAULT_INITIAL_MAGMOM = 1.0
+#: Initial moment (μB/atom) of an element MP's MAGMOM table does not list in a spin-polarised run of a structure
+#: that carries no ``magmom`` site property (Materials Project's default, MPRelaxSet).
+DEFAULT_INITIAL_MAGMOM = 0.6
+#: Elements whose compounds are computed spin-polarised when ``dft.spinpol`` is left ``null`` (automatic): the
+#: 3d metals V-Ni, the elements of the magnetic oxides, fluorides, etc. among semiconductor candidates (MP runs
+#: every compound spin-polarised; most other elements' compounds end non-magnetic, at twice the cost). Mo and W
+#: (U metals in MP) and Cu (Cu+ compounds are non-magnetic, CuO is not) are left out, the lanthanides as well
+#: (f-electron magnetism is beyond plain GGA/GGA+U here); force ``spinpol: true`` for those.
+MAGNETIC_ELEMENTS = frozenset({"V", "Cr", "Mn", "Fe", "Co", "Ni"})
+#: Magnetic orderings of a cell with one magnetic site that :func:`magnetic_orderings` tries: the 7 index-2
+#: sublattices of the cell's translations, each magnetic site's moment signed by the parity of k·n (n: the
+#: lattice translation of the site's image). In a primitive rocksalt cell (NiO, MnO) k = (1,1,1) and its 3
+#: equivalents alternate (111) planes (AFM-II, the ground state) and k = (1,1,0) alternates (001) planes (AFM-I).
+AFM_PARITY_VECTORS = ((1, 1, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1))
+#: In-cell antiferromagnetic sign patterns are enumerated only up to this many magnetic sites (2^(n-1) patterns).
+MAX_MAGNETIC_SITES = 8
 #: A fundamental gap within this of the smallest direct gap (eV) counts as direct.
 DIRECT_GAP_TOLERANCE = 1e-3
 #: GPAW's name of the GLLB-SC functional and of its PAW setups (``<symbol>.GLLBSC.gz`` in gpaw-data).
@@ -56,9 +79,15 @@ MOLECULAR_REFERENCES = stability.MOLECULAR_REFERENCES
 REFERENCE_RECIPE = 1
 #: A reference relaxation changing the volume by more than this fraction is rejected (collapse, blow-up).
 REFERENCE_MAX_VOLUME_CHANGE = 0.25
+#: Unconverged bands kept above the converged ones in band-gap runs (they help the eigensolver converge the top
+#: converged band).
+BUFFER_BANDS = 4
+#: File in a reference cache folder listing every reference computation (JSON lines: symbol, settings_hash,
+#: seconds, pid); cache hits add nothing.
+REFERENCE_LEDGER = "computed.jsonl"
 
 
-class DFTReferenceError(RuntimeError):
+class DFTReferenceError(RunError):
     """An elemental reference energy could not be computed; the message names the element and the reason."""
 
 
@@ -82,8 +111,26 @@ class DFTSettings:
         scf_energy_tol: SCF convergence of the total energy, eV per valence electron (GPAW's default 5e-4).
         scf_density_tol: SCF convergence of the density, electrons per valence electron (GPAW's default 1e-4).
         maxiter: SCF iteration limit; reaching it is a failure ("SCF did not converge").
-        spinpol: spin-polarised run; initial moments come from the structure's ``magmom`` site property, else
-            ``DEFAULT_INITIAL_MAGMOM`` per atom.
+        spinpol: spin-polarised run. ``null`` (default): spin-polarised when the structure contains one of
+            ``MAGNETIC_ELEMENTS`` or carries non-zero ``magmom`` site properties, else not (non-magnetic compounds
+            stay at the cost of one spin channel). Initial moments come from the structure's ``magmom`` site
+            property, else Materials Project's (:func:`mp_initial_magmom`).
+        magnetic_order: for a spin-polarised structure without ``magmom`` site properties, what the DFT task
+            (``pipelines.dft_run``) tries before its calculation: ``lowest`` (default): the ferromagnetic and the
+            simplest antiferromagnetic orderings (:func:`magnetic_orderings`, in the smallest supercell that
+            admits them), each a single point, keeping the lowest energy per atom; ``ferro``: ferromagnetic only.
+        hubbard_u: ``mp`` (default): GGA+U as Materials Project runs it (Dudarev, U on the d shell, J = 0; U from
+            pymatgen's ``MPRelaxSet`` ``LDAUU``: Co 3.32, Cr 3.7, Fe 5.3, Mn 3.9, Mo 4.38, Ni 6.2, V 3.25, W 6.2 eV)
+            for compounds whose most electronegative element is O or F, through GPAW's Hubbard setups
+            (``setups={"Ni": ":d,6.2"}``); elements and other compounds stay GGA. ``off``: GGA everywhere.
+        mp2020: formation energies get pymatgen's ``MaterialsProject2020Compatibility`` correction (anion
+            corrections; GGA/GGA+U mixing for U-metal oxides and fluorides) of the compound, so they are on the
+            scale of MP2020-corrected Materials Project data and of the MLIP screen. A GGA run of a compound MP
+            computes with +U (``hubbard_u: off``) is refused then: the correction would mix schemes. Leaves
+            energies unchanged (not in :func:`settings_hash`). Caveat, measured (benchmarks/dft_magnetic.py,
+            400 eV, errors vs MP2020-scale values): the oxide term transfers (ZnO +0.08 eV/atom), the GGA/GGA+U
+            mixing term, fitted to VASP's GGA+U energies, only partly: FeO +0.01, MnO -0.18, CoO -0.19, NiO -0.64
+            eV/atom (GPAW's Hubbard energies are not VASP's; a GPAW-specific fit of the U terms is to be done).
         relax_fmax: relaxation convergence, eV/Å (stress enters through FrechetCellFilter in the same units).
         relax_max_steps: BFGS step limit; reaching it gives ``converged=False`` (status still ``ok``).
         band_npoints: k-points along the band path (ASE's special-point path for the cell's Bravais lattice).
@@ -106,7 +153,10 @@ class DFTSettings:
     scf_energy_tol: float = 5e-4
     scf_density_tol: float = 1e-4
     maxiter: int = 200
-    spinpol: bool = False
+    spinpol: bool | None = None
+    magnetic_order: Literal["lowest", "ferro"] = "lowest"
+    hubbard_u: Literal["mp", "off"] = "mp"
+    mp2020: bool = True
     relax_fmax: float = 0.02
     relax_max_steps: int = 60
     band_npoints: int = 60
@@ -124,19 +174,19 @@ class DFTSettings:
         }
         for name, value in positive.items():
             if not value > 0:
-                raise ValueError(f"dft.{name}={value} must be > 0")
+                raise InputError(f"dft.{name}={value} must be > 0")
         if self.kpts is not None and min(self.kpts) < 1:
-            raise ValueError(f"dft.kpts={self.kpts} must be three integers >= 1")
+            raise InputError(f"dft.kpts={self.kpts} must be three integers >= 1")
         if self.smearing < 0:
-            raise ValueError(f"dft.smearing={self.smearing} eV must be >= 0")
+            raise InputError(f"dft.smearing={self.smearing} eV must be >= 0")
         for name in ("maxiter", "relax_max_steps", "band_npoints", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"dft.{name}={getattr(self, name)} must be >= 1")
+                raise InputError(f"dft.{name}={getattr(self, name)} must be >= 1")
         if self.band_extra < 1:
-            raise ValueError(f"dft.band_extra={self.band_extra} must be >= 1 (the CBM needs one empty band)")
+            raise InputError(f"dft.band_extra={self.band_extra} must be >= 1 (the CBM needs one empty band)")
         if self.xc.upper().startswith("GLLB"):
             # energies of a GLLB ground state are not on the PBE scale of the references: GLLB-SC is a gap method here
-            raise ValueError(
+            raise InputError(
                 f"dft.xc={self.xc!r}: GLLB functionals are for band gaps only; keep xc (energies, forces, relaxations) "
                 "and set dft.gap_functional: gllbsc"
             )
@@ -153,6 +203,7 @@ _ENERGY_FIELDS = (
     "scf_energy_tol",
     "scf_density_tol",
     "spinpol",
+    "hubbard_u",
     "relax_fmax",
 )
 
@@ -185,6 +236,15 @@ class DFTResult:
     when no gap was computed or the system is metallic (``band_gap`` 0). ``notes`` records non-fatal issues.
     ``forces`` (eV/Å, n_atoms × 3, of the final geometry) are kept as training data for fine-tuning.
 
+    ``magnetic_moment`` (μB per cell, NaN when not spin-polarised) and ``site_magmoms`` (μB per site, in the PAW
+    spheres) are those of the computed (possibly super-) cell; ``magnetic_ordering`` names the ordering chosen by
+    :func:`magnetic_ground_state` (``FM``, ``AFM-k111``, ...; ``NM`` when every moment vanished; empty when none
+    was searched).
+
+    ``run_type`` is ``GGA`` or ``GGA+U`` (Materials Project's names; ``hubbard_u``: element -> U, eV, on d), and
+    ``mp2020_correction_per_atom`` (eV/atom) the MP2020 correction included in ``e_form_per_atom`` (NaN when
+    none was applied).
+
     ``functional`` is the functional of the energies and forces (``settings.xc``); ``gap_functional`` that of
     ``band_gap`` (``PBE``, ``GLLBSC``; empty when no gap was computed). ``band_gap = gap_ks +
     gap_discontinuity``: ``gap_ks`` is the Kohn-Sham gap (eV) and ``gap_discontinuity`` the derivative
@@ -207,6 +267,11 @@ class DFTResult:
     c: float = math.nan
     volume_per_atom: float = math.nan
     magnetic_moment: float = math.nan
+    site_magmoms: list[float] | None = None
+    magnetic_ordering: str = ""
+    run_type: str = ""
+    hubbard_u: dict[str, float] = field(default_factory=dict)
+    mp2020_correction_per_atom: float = math.nan
     fermi_level: float = math.nan
     band_gap: float = math.nan
     direct_gap: float = math.nan
@@ -257,7 +322,7 @@ def _setup_name(xc: str) -> str:
     try:
         return XC(xc).get_setup_name()
     except (NameError, KeyError, ValueError) as exc:
-        raise ValueError(f"dft.xc={xc!r} is not a functional GPAW knows ({exc})") from exc
+        raise InputError(f"dft.xc={xc!r} is not a functional GPAW knows ({exc})") from exc
 
 
 def _check_settings(settings: DFTSettings) -> str:
@@ -328,26 +393,44 @@ def kpoint_grid(atoms: Atoms, settings: DFTSettings) -> tuple[int, int, int]:
 
 
 def _calculator(
-    settings: DFTSettings, size: tuple[int, int, int], spinpol: bool, log_path: Path | None, xc: str | None = None
+    settings: DFTSettings,
+    size: tuple[int, int, int],
+    spinpol: bool,
+    log_path: Path | None,
+    xc: str | None = None,
+    empty_bands: int = 0,
+    hubbard: dict[str, float] | None = None,
 ):
     """GPAW calculator for ``settings`` with functional ``xc`` (default ``settings.xc``). GPAW 26 hands GLLB
-    functionals to its legacy calculator (``gpaw.old``), which takes the same plane-wave parameters."""
+    functionals to its legacy calculator (``gpaw.old``), which takes the same plane-wave parameters.
+
+    ``empty_bands > 0`` (a band-gap SCF): GPAW's default converges only the occupied bands, leaving conduction
+    bands unconverged; then ``empty_bands`` bands above the highest occupied one are converged too, with
+    ``BUFFER_BANDS`` more unconverged ones on top (negative ``nbands``/``bands`` are GPAW's "occupied + n" and
+    "all but the top n"). ``hubbard``: element -> U (eV) on its d shell (GPAW Hubbard setups ``":d,U"``, Dudarev)."""
     from gpaw import GPAW, PW, FermiDirac
     from gpaw.mpi import serial_comm
 
     kpts: dict[str, Any] = {"size": size}
     if settings.kpoint_grid == "gamma":
         kpts["gamma"] = True
+    convergence: dict[str, Any] = {"energy": settings.scf_energy_tol, "density": settings.scf_density_tol}
+    bands: dict[str, Any] = {}
+    if empty_bands > 0:
+        bands["nbands"] = -(empty_bands + BUFFER_BANDS)
+        convergence["bands"] = -BUFFER_BANDS
     return GPAW(
         mode=PW(settings.ecut),
         xc=settings.xc if xc is None else xc,
         kpts=kpts,
         occupations=FermiDirac(settings.smearing),
-        convergence={"energy": settings.scf_energy_tol, "density": settings.scf_density_tol},
+        convergence=convergence,
         maxiter=settings.maxiter,
         spinpol=spinpol,
         txt=str(log_path) if log_path is not None else None,
         communicator=serial_comm,
+        setups={symbol: f":d,{u}" for symbol, u in sorted((hubbard or {}).items())} or "paw",
+        **bands,
     )
 
 
@@ -368,12 +451,200 @@ def _prepare(structure: Structure | Atoms, settings: DFTSettings) -> tuple[Struc
         structure = AseAtomsAdaptor.get_structure(structure)
     atoms = AseAtomsAdaptor.get_atoms(structure)
     atoms.pbc = True
-    spinpol = settings.spinpol
+    spinpol = is_spin_polarised(structure, settings)
     if spinpol and not np.any(atoms.get_initial_magnetic_moments()):
-        atoms.set_initial_magnetic_moments([DEFAULT_INITIAL_MAGMOM] * len(atoms))
+        atoms.set_initial_magnetic_moments(initial_magmoms(structure))
     elif not spinpol:
         atoms.set_initial_magnetic_moments(None)
     return structure, atoms, spinpol
+
+
+# ---------------------------------------------------------------------------------------------------- GGA+U
+
+
+@functools.cache
+def _mp_u_table() -> dict[str, dict[str, float]]:
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    return {
+        anion: {k: float(v) for k, v in table.items()} for anion, table in MPRelaxSet.CONFIG["INCAR"]["LDAUU"].items()
+    }
+
+
+def hubbard_u_values(composition: Composition | str, settings: DFTSettings) -> dict[str, float]:
+    """U (eV, on the d shell) per element of ``composition`` as Materials Project applies it (MPRelaxSet): when
+    the most electronegative element is O or F, each U metal present gets that anion's ``LDAUU`` value; empty
+    for ``settings.hubbard_u == "off"``, elements, and every other compound."""
+    if settings.hubbard_u == "off":
+        return {}
+    elements = Composition(composition).elements
+    if len(elements) < 2:
+        return {}
+    anion = max(elements, key=lambda el: el.X)  # MPRelaxSet: the last of the elements sorted by electronegativity
+    table = _mp_u_table().get(anion.symbol, {})
+    return {el.symbol: table[el.symbol] for el in elements if table.get(el.symbol)}
+
+
+def run_type(settings: DFTSettings, hubbard: dict[str, float]) -> str:
+    """Materials Project's name of the calculation type: ``GGA`` or ``GGA+U`` for PBE, else the functional."""
+    base = "GGA" if settings.xc.upper() == "PBE" else settings.xc
+    return f"{base}+U" if hubbard else base
+
+
+def mp2020_correction_per_atom(
+    composition: Composition | str, settings: DFTSettings, hubbard: dict[str, float]
+) -> float:
+    """MP2020 correction, eV/atom, of an uncorrected energy of ``composition`` computed with ``settings`` and U
+    values ``hubbard`` (:func:`materials.stability.mp2020_correction`, which assumes MP's run type).
+
+    Raises:
+        InputError: the run is not what the correction was fitted to: a functional other than PBE, or U values
+            other than MP's for this composition (e.g. ``hubbard_u: off`` for NiO).
+    """
+    composition = Composition(composition)
+    if settings.xc.upper() != "PBE":
+        raise InputError(
+            f"dft.mp2020 corrects PBE (GGA/GGA+U) energies, not dft.xc={settings.xc!r}; set dft.mp2020: false"
+        )
+    expected = hubbard_u_values(composition, replace(settings, hubbard_u="mp"))
+    if hubbard != expected:
+        raise InputError(
+            f"{composition.reduced_formula} was computed as {run_type(settings, hubbard)} with U={hubbard or 'none'}, "
+            f"but MP2020 corrects it as {run_type(settings, expected)} with U={expected or 'none'}: mixing the two "
+            "is refused; set dft.hubbard_u: mp, or dft.mp2020: false for uncorrected formation energies"
+        )
+    return stability.mp2020_correction(composition) / composition.num_atoms
+
+
+# ------------------------------------------------------------------------------------------------- magnetism
+
+
+@functools.cache
+def _mp_magmoms() -> dict[str, float]:
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    return {k: float(v) for k, v in MPRelaxSet.CONFIG["INCAR"]["MAGMOM"].items()}
+
+
+def mp_initial_magmom(symbol: str) -> float:
+    """Materials Project's initial moment (μB) for an element: MPRelaxSet's ``MAGMOM`` table (5 for V, Cr, Mn, Fe,
+    Ni, Mo, W; 0.6 for Co), ``DEFAULT_INITIAL_MAGMOM`` (0.6) for the rest."""
+    return _mp_magmoms().get(symbol, DEFAULT_INITIAL_MAGMOM)
+
+
+def initial_magmoms(structure: Structure) -> list[float]:
+    """Ferromagnetic initial moments (μB per site) as MP seeds them (:func:`mp_initial_magmom`)."""
+    return [mp_initial_magmom(site.specie.symbol) for site in structure]
+
+
+def given_magmoms(structure: Structure) -> list[float] | None:
+    """The ``magmom`` site property (μB per site; a vector's components summed) when present and not all zero."""
+    magmoms = structure.site_properties.get("magmom")
+    if magmoms is None or not any(abs(float(np.sum(m))) > 0 for m in magmoms):
+        return None
+    return [float(np.sum(m)) for m in magmoms]
+
+
+def is_spin_polarised(structure: Structure, settings: DFTSettings) -> bool:
+    """``settings.spinpol`` when set; automatic (``None``): True when ``structure`` contains one of
+    ``MAGNETIC_ELEMENTS`` or carries non-zero ``magmom`` site properties."""
+    if settings.spinpol is not None:
+        return settings.spinpol
+    symbols = {el.symbol for el in structure.composition.elements}
+    return bool(symbols & MAGNETIC_ELEMENTS) or given_magmoms(structure) is not None
+
+
+def magnetic_orderings(structure: Structure) -> list[tuple[str, Structure]]:
+    """Collinear orderings to try for ``structure``: ``(name, structure with a magmom site property)``, the
+    ferromagnetic one (``FM``, the cell as given) first, then the symmetry-distinct antiferromagnetic ones.
+
+    Magnetic sites are those of ``MAGNETIC_ELEMENTS`` (with MP's initial moment, :func:`mp_initial_magmom`; other
+    sites start at 0). Antiferromagnetic orderings come from the smallest cell that admits them: with 2 to
+    ``MAX_MAGNETIC_SITES`` magnetic sites, the cell as given with every up/down pattern of zero net moment per
+    element (``AFM[+-..]``, magnetic sites in order); with one magnetic site (a primitive rocksalt NiO, MnO), the
+    7 supercells of twice the volume, moments signed by ``AFM_PARITY_VECTORS`` (``AFM-k110``: the parity of
+    n1 + n2 of the image's lattice translation). Patterns equivalent by symmetry or by a global spin flip are
+    merged (pymatgen ``StructureMatcher`` with ``SpinComparator``): a primitive rocksalt cell gives FM, AFM-k111
+    (AFM-II: alternating (111) planes) and AFM-k110 (AFM-I: alternating (001) planes).
+
+    pymatgen's ``MagneticStructureEnumerator`` would be the general tool, but it needs enumlib's executables,
+    which pip does not install. Without magnetic sites the list holds ``FM`` only.
+    """
+    import itertools
+
+    structure = structure.copy()
+    if "magmom" in structure.site_properties:
+        structure.remove_site_property("magmom")
+    moments = [
+        mp_initial_magmom(site.specie.symbol) if site.specie.symbol in MAGNETIC_ELEMENTS else 0.0 for site in structure
+    ]
+    magnetic = [i for i, m in enumerate(moments) if m]
+    ferro = structure.copy(site_properties={"magmom": moments})
+    candidates: list[tuple[str, Structure]] = []
+    if 2 <= len(magnetic) <= MAX_MAGNETIC_SITES:
+        for signs in itertools.product((1, -1), repeat=len(magnetic) - 1):
+            signs = (1, *signs)
+            net: dict[str, int] = {}
+            for i, sign in zip(magnetic, signs, strict=True):
+                net[structure[i].specie.symbol] = net.get(structure[i].specie.symbol, 0) + sign
+            if any(net.values()):
+                continue
+            flipped = list(moments)
+            for i, sign in zip(magnetic, signs, strict=True):
+                flipped[i] *= sign
+            pattern = "".join("+" if sign > 0 else "-" for sign in signs)
+            candidates.append((f"AFM[{pattern}]", structure.copy(site_properties={"magmom": flipped})))
+    elif len(magnetic) == 1:
+        for k in AFM_PARITY_VECTORS:
+            candidates.append((f"AFM-k{''.join(map(str, k))}", _parity_supercell(structure, moments, np.array(k))))
+    return [("FM", ferro), *_distinct_orderings(candidates)]
+
+
+def _parity_supercell(structure: Structure, moments: list[float], k: np.ndarray) -> Structure:
+    """The supercell of ``structure`` holding the translations n with k·n even (twice the volume, Niggli-reduced),
+    the moment of each image of site j set to ``moments[j] * (-1)^(k·n)``."""
+    i = int(np.argmax(k))
+    matrix = np.eye(3, dtype=int)
+    matrix[i, i] = 2
+    for j in range(3):
+        if j != i:
+            matrix[j, i] = k[j]  # k·(e_j + k_j e_i) = 2 k_j: even
+    supercell = structure.copy()
+    supercell.make_supercell(matrix)
+    frac = structure.lattice.get_fractional_coords(supercell.cart_coords)
+    signed = []
+    for site, f in zip(supercell, frac, strict=True):
+        for j, original in enumerate(structure):
+            shift = f - original.frac_coords
+            if original.species == site.species and np.allclose(shift, np.round(shift), atol=1e-4):
+                signed.append(moments[j] * (-1) ** int(k @ np.round(shift).astype(int)))
+                break
+        else:  # cannot happen for a supercell; kept loud rather than silently unsigned
+            raise RunError(f"supercell site {site} has no image in the input cell")
+    supercell.add_site_property("magmom", signed)
+    # Niggli-reduced: the raw supercell of an fcc primitive cell has 30-degree angles, which GPAW warns about
+    return supercell.get_reduced_structure()
+
+
+def _distinct_orderings(candidates: list[tuple[str, Structure]]) -> list[tuple[str, Structure]]:
+    """``candidates`` less those equivalent to an earlier one by symmetry or a global spin flip."""
+    from pymatgen.analysis.structure_matcher import SpinComparator, StructureMatcher
+    from pymatgen.core import Species
+
+    def with_spins(structure: Structure) -> Structure:
+        species = [
+            Species(site.specie.symbol, spin=1 if m > 0 else -1) if m else site.specie.symbol
+            for site, m in zip(structure, structure.site_properties["magmom"], strict=True)
+        ]
+        return Structure(structure.lattice, species, structure.frac_coords)
+
+    matcher = StructureMatcher(comparator=SpinComparator(), primitive_cell=False)
+    kept: list[tuple[str, Structure, Structure]] = []
+    for name, structure in candidates:
+        spins = with_spins(structure)
+        if not any(len(spins) == len(other) and matcher.fit(spins, other) for _, _, other in kept):
+            kept.append((name, structure, spins))
+    return [(name, structure) for name, structure, _ in kept]
 
 
 def _failure_reason(exc: Exception, settings: DFTSettings) -> str:
@@ -424,6 +695,7 @@ def _fill_state(
     result.fermi_level = float(calc.get_fermi_level())
     if spinpol:
         result.magnetic_moment = float(calc.get_magnetic_moment())
+        result.site_magmoms = [round(float(m), 4) for m in calc.get_magnetic_moments()]
     final = atoms.copy()
     final.calc = None
     result.structure = AseAtomsAdaptor.get_structure(final)
@@ -452,8 +724,8 @@ class _Job:
     result: DFTResult
     start: float
 
-    def calculator(self, xc: str | None = None):
-        return _calculator(self.settings, self.size, self.spinpol, self.log, xc)
+    def calculator(self, xc: str | None = None, empty_bands: int = 0):
+        return _calculator(self.settings, self.size, self.spinpol, self.log, xc, empty_bands, self.result.hubbard_u)
 
     def failed(self, exc: Exception) -> DFTResult:
         self.result.failure_reason = _failure_reason(exc, self.settings)
@@ -475,6 +747,8 @@ def _begin(
     log = _log_path(log_path)
     result = _new_result(structure, task, item_id, settings, log)
     result.failure_reason = _unsupported_reason(structure, settings)
+    result.hubbard_u = hubbard_u_values(structure.composition, settings)
+    result.run_type = run_type(settings, result.hubbard_u)
     size = kpoint_grid(atoms, settings)
     result.kpts = list(size)
     return _Job(settings, atoms, spinpol, log, size, result, time.perf_counter())
@@ -577,6 +851,52 @@ def relax(
     return job.finish()
 
 
+def magnetic_ground_state(
+    structure: Structure,
+    settings: DFTSettings,
+    item_id: str = "structure",
+    log_dir: str | Path | None = None,
+) -> tuple[str, DFTResult, list[str]]:
+    """The lowest-energy collinear ordering of ``structure`` at its geometry (``settings.spinpol`` not False):
+    a spin-polarised single point of each of :func:`magnetic_orderings` (all of them with
+    ``settings.magnetic_order == "lowest"``, the ferromagnetic one only with ``"ferro"``), compared per atom.
+
+    Returns the chosen ordering's name (``NM`` when its moments all vanished: below 0.05 μB per site), its single
+    point (``magnetic_ordering`` set; its ``structure`` is the computed cell with the final moments as ``magmom``
+    site property, ready to relax or to take a band gap from) and notes listing every ordering's energy
+    relative to the lowest (eV/atom) or its failure. Logs: ``<log_dir>/<item_id>_<ordering>.txt``. A failed
+    result is returned (reasons joined) when every ordering failed.
+    """
+    orderings = magnetic_orderings(structure)
+    if settings.magnetic_order == "ferro":
+        orderings = orderings[:1]
+    results: list[tuple[str, DFTResult]] = []
+    for name, ordered in orderings:
+        log = Path(log_dir) / f"{item_id}_{name.replace('[', '_').replace(']', '')}.txt" if log_dir else None
+        results.append((name, single_point(ordered, settings, item_id=item_id, log_path=log)))
+    ok = [(name, r) for name, r in results if r.status == "ok"]
+    if not ok:
+        failed = results[0][1]
+        failed.failure_reason = "every magnetic ordering failed: " + "; ".join(
+            f"{name}: {r.failure_reason}" for name, r in results
+        )
+        return "", failed, []
+    name, best = min(ok, key=lambda item: item[1].energy_per_atom)
+    notes = [
+        "magnetic orderings, eV/atom above the lowest: "
+        + ", ".join(
+            f"{n} {r.energy_per_atom - best.energy_per_atom:+.4f}" if r.status == "ok" else f"{n} failed"
+            for n, r in results
+        )
+    ]
+    moments = best.site_magmoms or []
+    if all(abs(m) < 0.05 for m in moments):
+        name = "NM"
+    best.magnetic_ordering = name
+    best.structure.add_site_property("magmom", moments or [0.0] * len(best.structure))
+    return name, best, notes
+
+
 def band_gap(
     structure: Structure | Atoms,
     settings: DFTSettings | None = None,
@@ -585,7 +905,9 @@ def band_gap(
 ) -> DFTResult:
     """Band gap of ``structure`` as given: a self-consistent run on the k-grid, then a non-self-consistent run
     (fixed density, symmetry off) along ASE's band path for the cell's Bravais lattice
-    (``settings.band_npoints`` points, ``settings.band_extra`` empty bands converged).
+    (``settings.band_npoints`` points). Both runs converge ``settings.band_extra`` empty bands above the highest
+    occupied one (GPAW's SCF default converges occupied bands only, which leaves the grid's conduction-band
+    energies unconverged); a note records the SCF's band count.
 
     VBM, CBM, gap and direct/indirect come from the eigenvalues of both k-sets together, with the number of
     occupied bands fixed by the electron count (per spin channel from the magnetic moment when spin-polarised),
@@ -611,13 +933,18 @@ def band_gap(
     settings = settings or DFTSettings()
     gllbsc = settings.gap_functional == "gllbsc"
     if gllbsc and settings.spinpol:
-        raise ValueError(
+        raise InputError(
             "dft.gap_functional='gllbsc' needs dft.spinpol: false (GPAW's GLLB-SC discontinuity assumes "
             "equally filled spin channels); use gap_functional: ks for spin-polarised band gaps"
         )
     job = _begin(structure, settings, "band_gap", item_id, log_path)
     xc = GLLBSC_XC if gllbsc else settings.xc
     job.result.gap_functional = xc
+    if job.result.failure_reason is None and gllbsc and job.spinpol:
+        job.result.failure_reason = (
+            "GLLB-SC gap of a spin-polarised (magnetic) structure: GPAW's discontinuity assumes equally filled "
+            "spin channels; use dft.gap_functional: ks for it"
+        )
     if job.result.failure_reason is None and gllbsc:
         job.result.failure_reason = _missing_setups_reason(set(job.atoms.get_chemical_symbols()), xc)
     if job.result.failure_reason is not None:
@@ -625,11 +952,16 @@ def band_gap(
     settings, atoms, log, result = job.settings, job.atoms, job.log, job.result
     with _thread_limit(settings.threads):
         try:
-            calc = job.calculator(xc)
+            calc = job.calculator(xc, empty_bands=settings.band_extra)
             atoms.calc = calc
             _fill_state(result, atoms, calc, job.spinpol, with_stress=False, with_energy=not gllbsc)
             result.n_scf_iterations = int(calc.get_number_of_iterations())
             nocc = _occupied_bands(calc, job.spinpol)
+            n_scf_bands = int(calc.get_number_of_bands())
+            result.notes.append(
+                f"SCF: {n_scf_bands} bands, the lowest {n_scf_bands - BUFFER_BANDS} converged"
+                + (f" (highest occupied: {max(nocc)})" if nocc is not None else "")
+            )
             calcs = [calc]
             eigenvalues = [_eigenvalues(calc)]
             if nocc is not None:
@@ -639,7 +971,7 @@ def band_gap(
                 path_calc = calc.fixed_density(
                     kpts=path,
                     symmetry="off",
-                    nbands=nconverged + 4,  # unconverged buffer bands help Davidson converge the top ones
+                    nbands=nconverged + BUFFER_BANDS,  # unconverged buffer bands help Davidson converge the top ones
                     convergence={"bands": nconverged},
                     txt=str(band_log) if band_log is not None else None,
                 )
@@ -698,7 +1030,7 @@ def _gllbsc_discontinuity(
         _, shift = calc.hamiltonian.xc.response.calculate_discontinuity(potential)
         lowest = min(lowest, float(eps[0, :, nocc].min()) + float(shift))
     if not math.isfinite(lowest):
-        raise RuntimeError("GLLB-SC discontinuity: no k-set has the Fermi level in the gap")
+        raise RunError("GLLB-SC discontinuity: no k-set has the Fermi level in the gap")
     return lowest - cbm
 
 
@@ -768,7 +1100,9 @@ def reference_structure(symbol: str) -> Structure:
 
 
 def _reference_settings(structure: Structure, settings: DFTSettings) -> DFTSettings:
-    magnetic = "magmom" in structure.site_properties and any(abs(m) > 0 for m in structure.site_properties["magmom"])
+    """Reference crystals keep their Delta-test magnetic order (FM Fe/Co/Ni, AFM Cr/Mn and O2) whatever
+    ``settings.spinpol`` says: MP's elemental ground states are magnetic too."""
+    magnetic = given_magmoms(structure) is not None
     return replace(settings, spinpol=True) if magnetic else settings
 
 
@@ -783,7 +1117,8 @@ def elemental_reference_energy(
 
     Cached as ``cache_dir/<symbol>-<settings_hash>.json`` (the relaxation record included); a cached value of
     the current ``REFERENCE_RECIPE`` is returned without running GPAW. Concurrent writers are safe (atomic
-    rename; at worst the work is done twice).
+    rename; at worst the work is done twice). Each computation (not a cache hit) appends a line to
+    ``cache_dir/computed.jsonl`` (``REFERENCE_LEDGER``).
 
     Raises:
         DFTReferenceError: no reference structure, no PAW setup, or the relaxation failed (reason in message).
@@ -829,6 +1164,10 @@ def elemental_reference_energy(
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
+    # one line per computation (never per cache hit): how often each reference really ran, and how long
+    line = {"symbol": symbol, "settings_hash": key, "seconds": round(result.seconds, 2), "pid": os.getpid()}
+    with (cache / REFERENCE_LEDGER).open("a") as handle:  # one short O_APPEND write: safe across processes
+        handle.write(json.dumps(line) + "\n")
     return result.energy_per_atom
 
 
@@ -857,23 +1196,31 @@ def formation_energy_per_atom(
     result: DFTResult, settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
 ) -> float:
     """Formation energy, eV/atom, of a successful result against elemental references computed with the same
-    ``settings`` (raw PBE: no Materials Project anion/U corrections, so oxides, nitrides etc. differ from MP by
-    those). The caller stores it: ``result.e_form_per_atom = formation_energy_per_atom(result, ...)``.
+    ``settings`` (the elements in GGA, as MP computes them), plus the compound's MP2020 correction per atom
+    (:func:`mp2020_correction_per_atom`) when ``settings.mp2020``: then it is on the MP2020 scale (oxides,
+    fluorides, GGA+U compounds) that the screen uses. The caller stores it:
+    ``result.e_form_per_atom = formation_energy_per_atom(result, ...)``.
 
     Raises:
-        ValueError: the result failed, or it was computed with other settings (its ``settings_hash``).
+        ValueError: the result failed, it was computed with other settings (its ``settings_hash``), or (with
+            ``settings.mp2020``) with a run type MP2020 does not correct (:func:`mp2020_correction_per_atom`).
         DFTReferenceError: a reference could not be computed.
     """
     settings = settings or DFTSettings()
     if result.status != "ok" or not math.isfinite(result.energy):
-        raise ValueError(f"result {result.id!r} has status {result.status!r}: no energy to form from")
+        raise InputError(f"result {result.id!r} has status {result.status!r}: no energy to form from")
     if result.settings_hash and result.settings_hash != settings_hash(settings):
-        raise ValueError(
+        raise InputError(
             f"result {result.id!r} was computed with settings {result.settings_hash}, references would use "
             f"{settings_hash(settings)}: formation energies need identical settings"
         )
     composition = result.structure.composition if result.structure is not None else Composition(result.formula)
+    correction = 0.0
+    if settings.mp2020:
+        hubbard = result.hubbard_u if result.run_type else hubbard_u_values(composition, settings)
+        correction = mp2020_correction_per_atom(composition, settings, hubbard)
     refs = elemental_references([el.symbol for el in composition.elements], settings, cache_dir)
     if result.structure is not None:
-        return stability.formation_energy_per_atom(composition, result.energy, refs)
-    return stability.formation_energy_per_atom(composition, result.energy_per_atom * composition.num_atoms, refs)
+        return stability.formation_energy_per_atom(composition, result.energy, refs) + correction
+    energy = result.energy_per_atom * composition.num_atoms
+    return stability.formation_energy_per_atom(composition, energy, refs) + correction

@@ -12,8 +12,8 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,14 @@ import yaml
 from pydantic import Field
 
 from materials.dft import DFTSettings
+from materials.errors import InputError
 from materials.structures import load_structure_dir, read_structure
 from pipelines.config import RaySettings, TrackingSettings, _Strict, load_yaml_config
 
-#: Columns of dft_results.csv (energies eV/atom, lengths Å, volumes Å^3/atom, gaps eV).
+#: Columns of dft_results.csv. Energies eV/atom (e_form_per_atom includes mp2020_correction_per_atom when one was
+#: applied), lengths Å, volumes Å^3/atom, gaps eV; run_type GGA or GGA+U, hubbard_u element -> U (eV) as JSON;
+#: magnetic_moment μB per computed cell, site_magmoms μB per site as a JSON list; magnetic_ordering FM, AFM-...,
+#: NM, or empty when no ordering was searched.
 DFT_COLUMNS = (
     "id",
     "formula",
@@ -34,6 +38,9 @@ DFT_COLUMNS = (
     "n_atoms",
     "energy_per_atom",
     "e_form_per_atom",
+    "run_type",
+    "hubbard_u",
+    "mp2020_correction_per_atom",
     "a",
     "b",
     "c",
@@ -45,6 +52,9 @@ DFT_COLUMNS = (
     "gap_direct",
     "vbm",
     "cbm",
+    "magnetic_ordering",
+    "magnetic_moment",
+    "site_magmoms",
     "converged",
     "max_force",
     "n_scf_iterations",
@@ -98,7 +108,7 @@ def items_from_inputs(structures: str | None, from_run: str | None, top: int | N
             for e in load_structure_dir(path)
         ]
     if not from_run:
-        raise ValueError("give --structures DIR|FILE or --from-run SCREEN_OUT --top K")
+        raise InputError("give --structures DIR|FILE or --from-run SCREEN_OUT --top K")
     run = Path(from_run)
     results = run / "results.csv"
     if not results.is_file():
@@ -123,10 +133,13 @@ def _dft_task(
     log_dir: str,
     ref_dir: str,
     keep_frames: bool = False,
+    reference_errors: dict[str, str] | None = None,
 ):
     """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict(),
     with ``frames`` (labelled ASE Atoms for fine-tuning: every ionic step of a relaxation, else the computed
-    geometry; see :mod:`materials.finetune`) when ``keep_frames``.
+    geometry; see :mod:`materials.finetune`) when ``keep_frames``. ``reference_errors`` (element -> reason, from
+    :func:`compute_references`) names references that already failed: no formation energy is attempted for a
+    structure containing one (a note says why), so a failing reference is not recomputed by every task.
 
     Energies and forces always come from ``settings.xc``: a GLLB-SC band gap (``settings.gap_functional``) is a
     separate run whose gap fields (``GAP_FIELDS``) join the record of the relaxation or single point."""
@@ -139,14 +152,32 @@ def _dft_task(
     log = Path(log_dir) / f"{item.id}.txt"
     recorder = RelaxRecorder(settings, item.id) if keep_frames and do_relax else None
     separate_gap = do_gap and (do_relax or settings.gap_functional != "ks")
-    if do_relax:
-        result = dft.relax(structure, settings, item_id=item.id, log_path=log, on_step=recorder)
+    ordering, ordering_notes, ground, run_settings = "", [], None, settings
+    if dft.is_spin_polarised(structure, settings) and dft.given_magmoms(structure) is None:
+        # magnetic without a given order: the lowest of FM and the simplest AFM orderings, then the work on it
+        ordering, ground, ordering_notes = dft.magnetic_ground_state(structure, settings, item.id, log_dir)
+        if ground.status == "ok":
+            structure = ground.structure
+            if ordering == "NM":  # every moment vanished: the rest needs no second spin channel
+                structure.remove_site_property("magmom")
+                run_settings = replace(settings, spinpol=False)
+    if ground is not None and (ground.status != "ok" or not (do_relax or do_gap)):
+        result = ground
+    elif do_relax:
+        result = dft.relax(structure, run_settings, item_id=item.id, log_path=log, on_step=recorder)
     elif do_gap and not separate_gap:
-        result = dft.band_gap(structure, settings, item_id=item.id, log_path=log)
+        result = dft.band_gap(structure, run_settings, item_id=item.id, log_path=log)
     else:
-        result = dft.single_point(structure, settings, item_id=item.id, log_path=log)
+        result = dft.single_point(structure, run_settings, item_id=item.id, log_path=log)
+    if run_settings is not settings:  # NM: the same science as asked (spinpol automatic), one spin channel
+        result.settings_hash = dft.settings_hash(settings)
+    if ordering:
+        result.magnetic_ordering = ordering
+        result.notes[:0] = ordering_notes
     if separate_gap and result.status == "ok":
-        gap = dft.band_gap(result.structure, settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt"))
+        gap = dft.band_gap(
+            result.structure, run_settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt")
+        )
         result.seconds += gap.seconds
         if gap.status == "ok":
             for key in GAP_FIELDS:
@@ -154,9 +185,19 @@ def _dft_task(
             result.notes.extend(note for note in gap.notes if note.startswith("GLLB-SC"))
         else:
             result.notes.append(f"band gap failed: {gap.failure_reason}")
-    if result.status == "ok":
+    failed_refs = {
+        s: r for s, r in (reference_errors or {}).items() if r and s in {e.symbol for e in structure.species}
+    }
+    if result.status == "ok" and failed_refs:
+        reasons = "; ".join(failed_refs[s] for s in sorted(failed_refs))
+        result.notes.append(f"no formation energy: reference(s) {', '.join(sorted(failed_refs))} failed: {reasons}")
+    elif result.status == "ok":
         try:
             result.e_form_per_atom = dft.formation_energy_per_atom(result, settings, ref_dir)
+            if settings.mp2020:
+                result.mp2020_correction_per_atom = dft.mp2020_correction_per_atom(
+                    result.structure.composition, settings, result.hubbard_u
+                )
         except (ValueError, dft.DFTReferenceError) as exc:
             result.notes.append(f"no formation energy: {exc}")
     out = result.as_dict()
@@ -174,6 +215,27 @@ def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[s
         return symbol, None
     except dft.DFTReferenceError as exc:
         return symbol, str(exc)
+
+
+def compute_references(symbols: Iterable[str], settings: DFTSettings, ref_dir: str | Path) -> dict[str, str | None]:
+    """Elemental references of ``symbols`` with ``settings``, one Ray task per element (Ray initialised by the
+    caller), each computed once and cached in ``ref_dir`` (:func:`materials.dft.elemental_reference_energy`;
+    a cached one returns at once). Blocks until all are done, so that the structure tasks started afterwards
+    find them cached instead of each relaxing the same reference. Returns element -> failure reason (None: ok).
+    """
+    import ray
+
+    task = ray.remote(num_cpus=1)(_reference_task)
+    return dict(ray.get([task.remote(s, settings, str(ref_dir)) for s in sorted(set(symbols))]))
+
+
+def structure_elements(items: Iterable[DFTItem]) -> list[str]:
+    """Sorted element symbols of the items' structures (items without a structure are skipped)."""
+    from pymatgen.core import Structure
+
+    return sorted(
+        {el.symbol for it in items if it.structure is not None for el in Structure.from_dict(it.structure).composition}
+    )
 
 
 class DFTStore:
@@ -198,6 +260,8 @@ class DFTStore:
 def _csv_value(value: Any) -> Any:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value)
     return value
 
 
@@ -224,14 +288,14 @@ def run_dft(
     import ray
 
     from pipelines.execution import as_completed, init_ray
-    from pipelines.tracking import Tracker, git_commit
+    from pipelines.tracking import Tracker, git_commit, redact
 
     start = time.perf_counter()
     out = Path(out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ref_dir = out / "dft_references"
     ref_dir.mkdir(exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
     items = items_from_inputs(structures, from_run, top)
     store = DFTStore(out / "dft_results.sqlite")
     done = {r["id"] for r in store.records()}
@@ -257,13 +321,12 @@ def run_dft(
             | {"relax": relax, "bandgap": bandgap, "n_items": len(items)}
         )
         tracker.set_tags({"git_commit": git_commit()})
-        from pymatgen.core import Structure
-
-        symbols = sorted({el.symbol for it in todo for el in Structure.from_dict(it.structure).composition.elements})
-        ref_task = ray.remote(num_cpus=1)(_reference_task)
-        ref_errors = dict(ray.get([ref_task.remote(s, config.dft, str(ref_dir)) for s in symbols]))
+        ref_errors = compute_references(structure_elements(todo), config.dft, ref_dir)
         task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
-        refs = {task.remote(it, config.dft, relax, bandgap, str(out / "logs"), str(ref_dir)): it for it in todo}
+        refs = {
+            task.remote(it, config.dft, relax, bandgap, str(out / "logs"), str(ref_dir), False, ref_errors): it
+            for it in todo
+        }
         for item, record, reason in as_completed(refs):
             if reason is not None:
                 record = {"id": item.id, "formula": None, "task": "dft", "status": "failed", "failure_reason": reason}
@@ -291,6 +354,9 @@ def run_dft(
             "reference_errors": {k: v for k, v in ref_errors.items() if v},
             "mlflow_run_id": tracker.run_id,
         }
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
+        status = "KILLED"
+        raise
     finally:
         tracker.end(status)
         store.close()

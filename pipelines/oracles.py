@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 import ray
 
+from materials.errors import InputError
 from pipelines.execution import as_completed
 
 
-class OracleError(ValueError):
+class OracleError(InputError):
     """The oracle cannot serve the campaign (e.g. the objective names a column it does not have)."""
 
 
@@ -87,7 +88,8 @@ class DFTOracle:
     """GPAW on each proposed candidate's (MLIP-relaxed) structure, one Ray task per candidate: optional DFT
     relaxation, the band gap (PBE, or GLLB-SC with ``dft.gap_functional: gllbsc``) when the objective asks for
     ``band_gap``, and the formation energy against
-    elemental references with identical settings (cached in ``<work_dir>/dft_references``). Columns the DFT
+    elemental references with identical settings (cached in ``<work_dir>/dft_references``; each batch first
+    computes the references its candidates need, one Ray task per element, so each is computed once). Columns the DFT
     does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row.
 
     Every calculation's DFT frames (energy eV, forces eV/Å, stress eV/Å³ when computed: each ionic step of a
@@ -135,21 +137,26 @@ class DFTOracle:
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         from materials.finetune import write_frames
         from materials.structures import read_structure
-        from pipelines.dft_run import DFTItem, _dft_task
+        from pipelines.dft_run import DFTItem, _dft_task, compute_references, structure_elements
 
+        items = {
+            i: DFTItem(self.candidate_id(i), self._files[i], read_structure(self._files[i]).as_dict()) for i in indices
+        }
+        # every elemental reference once, before the candidates: q candidates sharing an element would each relax it
+        ref_errors = compute_references(structure_elements(items.values()), self._settings, self.reference_dir)
         task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
         want_gap = "band_gap" in self._columns
         refs = {}
-        for i in indices:
-            item = DFTItem(self.candidate_id(i), self._files[i], read_structure(self._files[i]).as_dict())
+        for i, item in items.items():
             ref = task.remote(
                 item,
                 self._settings,
                 self._relax,
                 want_gap,
                 str(self._work / "logs"),
-                str(self._work / "dft_references"),
+                str(self.reference_dir),
                 True,
+                ref_errors,
             )
             refs[ref] = i
         for index, result, reason in as_completed(refs):

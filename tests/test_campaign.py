@@ -147,6 +147,42 @@ def test_dft_oracle_campaign_on_a_screened_pool(tmp_path):
     assert (tmp_path / "out" / "dft" / "dft_references").is_dir()
 
 
+def test_dft_oracle_computes_each_shared_elemental_reference_once(tmp_path):
+    """SiGe and AlSi share Si: one batch relaxes Al, Ge and Si once each (the ledger counts real computations).
+    (Elements with 1-2 atom symmetric references keep it fast; the compounds need only be ordered cells.)"""
+    pytest.importorskip("gpaw")
+    import ray
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from materials.dft import REFERENCE_LEDGER, DFTSettings
+    from pipelines.config import RaySettings
+    from pipelines.execution import init_ray
+    from pipelines.oracles import DFTOracle
+
+    files = []
+    for formula, a in (("SiGe", 5.54), ("AlSi", 5.6)):
+        path = tmp_path / f"{formula}.cif"
+        AseAtomsAdaptor.get_structure(bulk(formula, "zincblende", a=a)).to(filename=str(path))
+        files.append(str(path))
+    rows = [{"id": "SiGe"}, {"id": "AlSi"}]
+    # one BFGS step per reference: their numbers do not matter here, only how often they are computed
+    settings = DFTSettings(ecut=250.0, kpts=(3, 3, 3), relax_max_steps=1)
+    started = init_ray(RaySettings(num_cpus=2))
+    try:
+        oracle = DFTOracle(rows, files, ["dft_e_form_per_atom"], settings, False, tmp_path / "work")
+        records = dict(oracle.evaluate([0, 1]))
+    finally:
+        if started:
+            ray.shutdown()
+    assert all(r["status"] == "ok" for r in records.values()), records
+    # SiGe (unrelaxed, at these settings, MP2020 Si term included) lies near Si + Ge; zincblende AlSi above it
+    sige, alsi = (records[i]["labels"]["dft_e_form_per_atom"] for i in (0, 1))
+    assert abs(sige) < 0.15 and alsi > sige, (sige, alsi)
+    ledger = (oracle.reference_dir / REFERENCE_LEDGER).read_text().splitlines()
+    assert sorted(json.loads(line)["symbol"] for line in ledger) == ["Al", "Ge", "Si"]
+
+
 def test_forest_surrogate_campaign_with_oxidation_features(pool_csv, tmp_path):
     import hashlib
 

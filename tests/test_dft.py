@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -23,8 +24,11 @@ from materials.dft import (  # noqa: E402
     elemental_reference_energy,
     formation_energy_per_atom,
     gap_from_eigenvalues,
+    hubbard_u_values,
     installed_setup_elements,
+    is_spin_polarised,
     kpoint_grid,
+    magnetic_orderings,
     missing_setups,
     relax,
     settings_hash,
@@ -77,8 +81,8 @@ def test_relax_moves_the_volume_toward_equilibrium():
 
 
 @pytest.fixture(scope="module")
-def si_pbe_gap():
-    return band_gap(si(), FAST, item_id="si")
+def si_pbe_gap(tmp_path_factory):
+    return band_gap(si(), FAST, item_id="si", log_path=tmp_path_factory.mktemp("gap") / "si.txt")
 
 
 def test_band_gap_of_si_is_positive_and_indirect(si_pbe_gap):
@@ -88,6 +92,12 @@ def test_band_gap_of_si_is_positive_and_indirect(si_pbe_gap):
     assert r.gap_direct is False and r.direct_gap > r.band_gap + 1.0  # direct gap at Γ ~2.5 eV
     assert r.cbm - r.vbm == pytest.approx(r.band_gap)
     assert any("band path" in note for note in r.notes)
+    # 0.6120 eV at these settings when the SCF converged only occupied bands: conduction bands converged now
+    assert r.band_gap == pytest.approx(0.612, abs=0.005)
+    # the SCF converged band_extra=4 bands above the 4 occupied ones, with BUFFER_BANDS unconverged on top
+    assert "SCF: 12 bands, the lowest 8 converged (highest occupied: 4)" in r.notes
+    log = open(r.log_path).read()
+    assert "Bands:           12" in log and "Converge bands: -4" in log
     # a Kohn-Sham gap: no discontinuity, the functional of the gap is that of the energies
     assert r.gap_ks == r.band_gap and math.isnan(r.gap_discontinuity)
     assert r.functional == r.gap_functional == "PBE" and math.isfinite(r.energy)
@@ -219,3 +229,96 @@ def test_gap_from_eigenvalues_indirect_direct_metal_and_spin():
     assert gap_from_eigenvalues(spin, [2, 1]) == pytest.approx((0.5, 1.5, 0.0, 0.5))
     with pytest.raises(ValueError, match="n_bands"):
         gap_from_eigenvalues(e, [3])
+
+
+def nio():
+    return AseAtomsAdaptor.get_structure(bulk("NiO", "rocksalt", a=4.17))
+
+
+def test_magnetic_orderings_of_a_primitive_rocksalt_cell_and_a_two_site_cell():
+    orderings = dict(magnetic_orderings(nio()))
+    # FM in the 2-atom cell; the 7 doublings of the cell reduce to the two rocksalt AFM types
+    assert list(orderings) == ["FM", "AFM-k111", "AFM-k110"]
+    assert orderings["FM"].site_properties["magmom"] == [5.0, 0.0] and len(orderings["FM"]) == 2
+    for name, normal, period in (("AFM-k111", (1, 1, 1), 1.0), ("AFM-k110", (0, 0, 1), 0.5)):
+        cell = orderings[name]
+        assert len(cell) == 4 and cell.volume == pytest.approx(2 * nio().volume)
+        up, down = (
+            next(s.coords for s in cell if s.specie.symbol == "Ni" and sign * s.properties["magmom"] > 0)
+            for sign in (1, -1)
+        )
+        # AFM-II: opposite moments on alternate (111) planes; AFM-I: on alternate (001) planes
+        layers = np.dot(down - up, normal) / (4.17 * period)
+        assert round(layers) % 2 == 1 and layers == pytest.approx(round(layers), abs=1e-6), (name, layers)
+        assert sorted(cell.site_properties["magmom"]) == [-5.0, 0.0, 0.0, 5.0]
+    # a cell that already holds two magnetic sites: its own up/down pattern, no supercell
+    fe = AseAtomsAdaptor.get_structure(bulk("Fe", "bcc", a=2.83, cubic=True))
+    assert [(n, s.site_properties["magmom"]) for n, s in magnetic_orderings(fe)] == [
+        ("FM", [5.0, 5.0]),
+        ("AFM[+-]", [5.0, -5.0]),
+    ]
+    # spin polarisation: automatic for magnetic elements only, and a setting overrides it
+    si_structure = AseAtomsAdaptor.get_structure(si())
+    assert is_spin_polarised(nio(), DFTSettings()) and not is_spin_polarised(si_structure, DFTSettings())
+    assert not is_spin_polarised(nio(), DFTSettings(spinpol=False))
+    assert is_spin_polarised(si_structure, DFTSettings(spinpol=True))
+
+
+@pytest.mark.slow
+def test_two_atom_nio_gets_mp_plus_u_its_antiferromagnetic_ground_state_and_mp2020(tmp_path):
+    """The 2-atom cell a user hands over is enough: the task builds the AFM supercells and keeps the lowest."""
+    from pipelines.dft_run import DFT_COLUMNS, DFTItem, _dft_task, write_results_csv
+
+    cheap = DFTSettings(ecut=300.0, kpts=(2, 2, 2), smearing=0.1)
+    # cached references (their computation is tested above): E_form needs no O2 or Ni relaxation here
+    mu = {"Ni": -5.0, "O": -4.0}
+    for symbol, value in mu.items():
+        cache = {"symbol": symbol, "recipe": REFERENCE_RECIPE, "energy_per_atom": value}
+        (tmp_path / f"{symbol}-{settings_hash(cheap)}.json").write_text(json.dumps(cache))
+    item = DFTItem("nio", "test", nio().as_dict())
+    out = _dft_task(item, cheap, do_relax=False, do_gap=False, log_dir=str(tmp_path), ref_dir=str(tmp_path))
+    assert out["status"] == "ok" and out["magnetic_ordering"] == "AFM-k111" and out["n_atoms"] == 4
+    # MP's U on Ni d reached GPAW
+    assert out["run_type"] == "GGA+U" and out["hubbard_u"] == {"Ni": 6.2}
+    assert "Hubbard: {U: 6.2,  # eV" in (tmp_path / "nio_AFM-k111.txt").read_text()
+    # PBE+U: about 1.6-1.8 μB per Ni, opposite on the two Ni sites, no net moment
+    ni = [m for m, site in zip(out["site_magmoms"], out["structure"]["sites"], strict=True) if site["label"] == "Ni"]
+    assert 1.4 < ni[0] < 1.9 and ni[1] == pytest.approx(-ni[0], abs=0.01) and abs(out["magnetic_moment"]) < 0.01
+    energies = dict(part.split() for part in out["notes"][0].split(": ")[1].split(", "))
+    assert energies["AFM-k111"] == "+0.0000" and float(energies["FM"]) > 0.01 and float(energies["AFM-k110"]) > 0
+    assert sorted(p.name for p in tmp_path.glob("nio_*.txt")) == ["nio_AFM-k110.txt", "nio_AFM-k111.txt", "nio_FM.txt"]
+    # MP2020 (oxide -0.687 eV/O, Ni U -2.541 eV/Ni) added once to E - sum(mu)
+    assert out["mp2020_correction_per_atom"] == pytest.approx((-0.687 - 2.541) / 2)
+    raw = out["energy_per_atom"] - (mu["Ni"] + mu["O"]) / 2
+    assert out["e_form_per_atom"] == pytest.approx(raw + out["mp2020_correction_per_atom"], abs=1e-9)
+    row = next(csv.DictReader(write_results_csv(tmp_path / "r.csv", [out], DFT_COLUMNS).open()))
+    assert row["magnetic_ordering"] == "AFM-k111" and json.loads(row["site_magmoms"]) == out["site_magmoms"]
+    assert row["run_type"] == "GGA+U" and json.loads(row["hubbard_u"]) == {"Ni": 6.2}
+
+
+def test_mp_u_values_and_a_mixed_gga_gga_u_formation_energy_is_refused(tmp_path):
+    mp = DFTSettings()
+    assert hubbard_u_values("NiO", mp) == {"Ni": 6.2} and hubbard_u_values("MnF2", mp) == {"Mn": 3.9}
+    assert hubbard_u_values("Fe2O3", mp) == {"Fe": 5.3} and hubbard_u_values("CoTiO3", mp) == {"Co": 3.32}
+    # sulfides, elements, and oxides of other metals stay GGA; hubbard_u: off switches it off
+    assert hubbard_u_values("NiS", mp) == hubbard_u_values("Ni", mp) == hubbard_u_values("ZnO", mp) == {}
+    assert hubbard_u_values("NiO", DFTSettings(hubbard_u="off")) == {}
+    assert settings_hash(DFTSettings(hubbard_u="off")) != settings_hash(mp)
+    # a GGA NiO energy with MP2020 (which assumes GGA+U for NiO) would mix schemes: refused with the reason
+    gga = DFTSettings(hubbard_u="off", ecut=250.0)
+    structure = nio()
+    result = DFTResult(
+        id="nio",
+        formula="NiO",
+        status="ok",
+        task="single_point",
+        energy=-10.0,
+        run_type="GGA",
+        hubbard_u={},
+        structure=structure,
+        settings_hash=settings_hash(gga),
+    )
+    with pytest.raises(ValueError, match="mixing the two is refused"):
+        formation_energy_per_atom(result, gga, tmp_path)
+    with pytest.raises(ValueError, match="identical settings"):
+        formation_energy_per_atom(result, replace(gga, hubbard_u="mp"), tmp_path)
