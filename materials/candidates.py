@@ -32,6 +32,8 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Element, Lattice, Structure
 from smact.screening import pauling_test
 
+from materials.errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: Source tag of candidates built here (as opposed to a file path for structures read from disk).
@@ -94,7 +96,7 @@ class Candidate:
         """
         missing = [k for k in ("id", "formula", "prototype", "source", "structure") if k not in d]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"Candidate.from_dict: missing key(s) {missing}; got keys {sorted(d)}. "
                 "Pass a dict produced by Candidate.as_dict()."
             )
@@ -312,19 +314,19 @@ def get_prototype(name: str) -> Prototype:
     try:
         return PROTOTYPES[name]
     except KeyError:
-        raise ValueError(f"Unknown prototype {name!r}; known prototypes: {prototype_names()}.") from None
+        raise InputError(f"Unknown prototype {name!r}; known prototypes: {prototype_names()}.") from None
 
 
 def _check_species(proto: Prototype, species: Sequence[str]) -> list[str]:
     if isinstance(species, str) or len(species) != len(proto.roles):
-        raise ValueError(
+        raise InputError(
             f"Prototype {proto.name!r} ({proto.description}) takes {len(proto.roles)} species, one per site "
             f"role {proto.roles}; got {species!r}."
         )
     out = []
     for sym in species:
         if not Element.is_valid_symbol(str(sym)):
-            raise ValueError(
+            raise InputError(
                 f"Prototype {proto.name!r}: {sym!r} is not an element symbol; pass symbols like 'Ga', 'As'."
             )
         out.append(str(sym))
@@ -402,7 +404,7 @@ def _covalent_radius(symbol: str) -> float:
     if radius is None:
         radius = Element(symbol).atomic_radius
     if radius is None:
-        raise ValueError(
+        raise InputError(
             f"No covalent or atomic radius known for {symbol!r}; cannot estimate a starting volume. "
             "Scale the structure yourself and pass scale_volume=False."
         )
@@ -418,7 +420,7 @@ def first_shell_bonds(structure: Structure, shell_tol: float = FIRST_SHELL_TOL) 
     for i in range(len(structure)):
         mask = centres == i
         if not mask.any():
-            raise ValueError(
+            raise InputError(
                 f"Site {i} ({structure[i].specie}) of {structure.composition.reduced_formula} has no "
                 f"neighbour within {cutoff:.2f} Å; the structure is too dilute to estimate bond lengths."
             )
@@ -494,7 +496,7 @@ def estimate_volume(structure: Structure, method: str = "covalent") -> tuple[flo
         ValueError: unknown method (listing the known ones) or an element without a radius.
     """
     if method not in VOLUME_METHODS:
-        raise ValueError(f"Unknown volume method {method!r}; use one of {VOLUME_METHODS}.")
+        raise InputError(f"Unknown volume method {method!r}; use one of {VOLUME_METHODS}.")
     volume = _covalent_volume(structure)
     if method == "dls":
         guess = structure.copy()
@@ -545,7 +547,7 @@ def oxidation_states(symbol: str) -> tuple[int, ...]:
         ValueError: ``symbol`` is not an element, naming it.
     """
     if not Element.is_valid_symbol(symbol):
-        raise ValueError(f"{symbol!r} is not an element symbol; pass symbols like 'Ga', 'As'.")
+        raise InputError(f"{symbol!r} is not an element symbol; pass symbols like 'Ga', 'As'.")
     states = _icsd24_table().get(symbol)
     if states:
         return states
@@ -598,12 +600,12 @@ def charge_balanced(
         ValueError: lengths differ or a multiplicity is not a positive integer, showing both.
     """
     if len(species) != len(multiplicities) or not species:
-        raise ValueError(
+        raise InputError(
             f"charge_balanced: need one multiplicity per species; got species {list(species)} and "
             f"multiplicities {list(multiplicities)}."
         )
     if any(int(m) != m or m < 1 for m in multiplicities):
-        raise ValueError(f"charge_balanced: multiplicities must be positive integers; got {list(multiplicities)}.")
+        raise InputError(f"charge_balanced: multiplicities must be positive integers; got {list(multiplicities)}.")
     return next(_oxidation_assignments(species, multiplicities, anion_last, states), None) is not None
 
 
@@ -682,23 +684,23 @@ def enumerate_candidates(
             prototype and its roles), a non-element symbol, or a negative ``max_candidates``.
     """
     if max_candidates is not None and max_candidates < 0:
-        raise ValueError(f"max_candidates must be >= 0 or None; got {max_candidates}.")
+        raise InputError(f"max_candidates must be >= 0 or None; got {max_candidates}.")
     specs = []
     for name, role_lists in prototype_sites.items():
         proto = get_prototype(name)
         if isinstance(role_lists, str) or len(role_lists) != len(proto.roles):
-            raise ValueError(
+            raise InputError(
                 f"Prototype {name!r} ({proto.description}) needs {len(proto.roles)} element lists, one per "
                 f"site role {proto.roles}; got {role_lists!r}."
             )
         for role, elements in zip(proto.roles, role_lists, strict=True):
             if isinstance(elements, str):
-                raise ValueError(
+                raise InputError(
                     f"Prototype {name!r} role {role!r}: give a list of symbols, not the string {elements!r}."
                 )
             for sym in elements:
                 if not Element.is_valid_symbol(str(sym)):
-                    raise ValueError(f"Prototype {name!r} role {role!r}: {sym!r} is not an element symbol.")
+                    raise InputError(f"Prototype {name!r} role {role!r}: {sym!r} is not an element symbol.")
         specs.append((proto, [[str(sym) for sym in elements] for elements in role_lists]))
 
     filt = _Deduplicator()

@@ -35,6 +35,7 @@ from ase.units import GPa
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from materials.errors import InputError
 from materials.reference import ReferenceRow, ReferenceSet, canonical_property, finite_float, reduced_formula
 
 #: File names recognised when a folder is imported (searched recursively).
@@ -52,7 +53,7 @@ EXTXYZ_DETAIL_KEYS = ("kpts",)
 _PBE_ALIASES = {"GGA": "PBE", "PE": "PBE", "PBE": "PBE"}
 
 
-class DFTImportError(ValueError):
+class DFTImportError(InputError):
     """Imported DFT cannot be used as asked; the message names the files/records and what to change."""
 
 

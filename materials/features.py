@@ -30,6 +30,8 @@ from types import MappingProxyType
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
 
+from materials.errors import InputError
+
 #: Element properties used by :func:`composition_features` (name -> description with unit).
 ELEMENT_PROPERTIES: Mapping[str, str] = MappingProxyType(
     {
@@ -67,7 +69,7 @@ _SHELL_CAPACITY = {"s": 2, "p": 6, "d": 10, "f": 14}
 _ORBITAL = re.compile(r"^(\d+)([spdf])(\d+)$")
 
 
-class FeatureError(ValueError):
+class FeatureError(InputError):
     """A candidate cannot be featurised; the message names the item and the fix."""
 
 

@@ -52,6 +52,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from materials.dft import DFTResult, DFTSettings, settings_hash
+from materials.errors import InputError, RunError
 
 #: ``atoms.info`` / ``atoms.arrays`` keys of the labels (mace-torch's ``--energy_key`` etc.).
 ENERGY_KEY = "REF_energy"
@@ -74,11 +75,11 @@ SETTINGS_KEYS = (
 MIN_RMS_FORCE = 1e-3
 
 
-class TrainingSetError(ValueError):
+class TrainingSetError(InputError):
     """The training data cannot be used as one set; the message names the structure and the fix."""
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(RunError):
     """mace-torch training failed; the message carries the end of its log."""
 
 

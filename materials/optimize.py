@@ -66,6 +66,8 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from linear_operator.utils.warnings import NumericalWarning
 from scipy.special import log_ndtr
 
+from materials.errors import InputError
+
 Method = Literal["bo", "bo-hit", "bo-pareto", "greedy", "random"]
 METHODS: tuple[str, ...] = get_args(Method)
 InitMethod = Literal["random", "diverse"]
@@ -74,7 +76,7 @@ _DTYPE = torch.float64
 _POSTERIOR_CHUNK = 512  # rows per posterior evaluation in _mean_std
 
 
-class OptimizationError(ValueError):
+class OptimizationError(InputError):
     """Bad input to an objective, a proposal or a simulated campaign; the message names the item and the fix."""
 
 

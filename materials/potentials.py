@@ -2,8 +2,13 @@
 
 ``chgnet`` (default; pretrained MPtrj weights ship in the chgnet wheel, fully offline), ``mace`` (a foundation
 model name that mace-torch downloads and caches, or a local ``.model`` file), and ``emt`` (ASE's effective
-medium theory, for fast tests of the machinery; not for semiconductors). mace is imported lazily: importing it
-sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the whole process.
+medium theory, for fast tests of the machinery; not for semiconductors).
+
+A ``.model`` file or a CHGNet checkpoint is a pickle: loading it runs code, so it must be trusted like code
+(registered models are checked against the SHA-256 recorded at registration, see ``pipelines.registry``).
+mace is imported lazily, only when a MACE model is asked for: importing it sets
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (torch may then unpickle anything), so the import and the load run inside
+:func:`mace_unpickling` and the variable is restored afterwards.
 
 Every potential declares an energy convention (how its energies relate to Materials Project's; see
 :mod:`materials.stability`): CHGNet ``mp2020``, MACE ``uncorrected``, EMT ``self``, unless the spec says otherwise.
@@ -12,12 +17,17 @@ Every potential declares an energy convention (how its energies relate to Materi
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 from ase.calculators.calculator import Calculator
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as config_dataclass
+
+from materials.errors import SemidiscError
 
 #: Elements ASE's EMT has parameters for.
 EMT_ELEMENTS = frozenset({"Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O"})
@@ -39,8 +49,10 @@ MACE_FOUNDATION_NAMES = (
 )
 
 
-class PotentialError(RuntimeError):
-    """A potential cannot be loaded; the message says what to change."""
+class PotentialError(SemidiscError, RuntimeError):
+    """A potential cannot be loaded; the message says what to change (a user error: exit code 2)."""
+
+    exit_code = 2
 
 
 @config_dataclass(config=ConfigDict(extra="forbid"))
@@ -83,8 +95,31 @@ class PotentialSpec:
         return f"{self.name}-{Path(self.model).name}"
 
 
-def _file_sha256(path: Path) -> str:
+#: Set by mace-torch at import; makes every ``torch.load`` without ``weights_only=`` unpickle arbitrary objects.
+NO_WEIGHTS_ONLY_VAR = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def mace_unpickling() -> Iterator[None]:
+    """Allow torch to unpickle a whole MACE model for the duration of the block (mace-torch's calculator calls
+    ``torch.load`` without ``weights_only``, and importing mace sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+    process-wide); afterwards the variable is as it was before (unset if it was unset), so later
+    ``torch.load`` calls elsewhere keep torch's safe ``weights_only`` default."""
+    previous = os.environ.get(NO_WEIGHTS_ONLY_VAR)
+    os.environ[NO_WEIGHTS_ONLY_VAR] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_WEIGHTS_ONLY_VAR, None)
+        else:
+            os.environ[NO_WEIGHTS_ONLY_VAR] = previous
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits."""
     digest = hashlib.sha256()
+    path = Path(path)
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -113,10 +148,10 @@ def weights_hash(spec: PotentialSpec) -> str:
     if spec.name == "emt":
         return "builtin"
     if spec.name == "chgnet":
-        return _file_sha256(_chgnet_weights_path(spec))[:16]
+        return file_sha256(_chgnet_weights_path(spec))[:16]
     path = Path(spec.model) if spec.model else None
     if path is not None and path.is_file():
-        return _file_sha256(path)[:16]
+        return file_sha256(path)[:16]
     return f"foundation:{spec.model or 'medium-mpa-0'}"
 
 
@@ -166,25 +201,27 @@ def _load_mace(spec: PotentialSpec) -> Calculator:
                 f"potential.model={model!r}: MACE model file not found; give the path to a .model file "
                 f"or a foundation name ({', '.join(MACE_FOUNDATION_NAMES[:5])}, ...)"
             )
-        from mace.calculators import MACECalculator
+        with mace_unpickling():
+            from mace.calculators import MACECalculator
 
-        return MACECalculator(model_paths=str(path), device=spec.device, default_dtype=spec.dtype)
+            return MACECalculator(model_paths=str(path), device=spec.device, default_dtype=spec.dtype)
     if model not in MACE_FOUNDATION_NAMES:
         raise PotentialError(
             f"potential.model={model!r} is neither a MACE foundation name ({', '.join(MACE_FOUNDATION_NAMES)}) "
             "nor an existing .model file"
         )
-    from mace.calculators import mace_mp
+    with mace_unpickling():
+        from mace.calculators import mace_mp
 
-    try:
-        return mace_mp(model=model, device=spec.device, default_dtype=spec.dtype)
-    except Exception as exc:  # mace-torch raises a bare Exception("Model download failed ...") offline
-        raise PotentialError(
-            f"MACE foundation model {model!r} is not cached and could not be downloaded "
-            f"({type(exc).__name__}: {exc}). On a machine with network, run once: "
-            f"python -c \"from mace.calculators import mace_mp; mace_mp(model='{model}')\" to cache it in "
-            "~/.cache/mace, or download the .model file and set potential.model: /path/to/file.model"
-        ) from exc
+        try:
+            return mace_mp(model=model, device=spec.device, default_dtype=spec.dtype)
+        except Exception as exc:  # mace-torch raises a bare Exception("Model download failed ...") offline
+            raise PotentialError(
+                f"MACE foundation model {model!r} is not cached and could not be downloaded "
+                f"({type(exc).__name__}: {exc}). On a machine with network, run once: "
+                f"python -c \"from mace.calculators import mace_mp; mace_mp(model='{model}')\" to cache it in "
+                "~/.cache/mace, or download the .model file and set potential.model: /path/to/file.model"
+            ) from exc
 
 
 def training_elements(spec: PotentialSpec, calculator: Calculator | None = None) -> frozenset[str]:

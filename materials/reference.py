@@ -37,6 +37,8 @@ from typing import Any
 
 from pymatgen.core import Composition, Element, Structure
 
+from materials.errors import InputError
+
 #: Canonical unit of each property (values in a ReferenceSet are always in these units).
 PROPERTY_UNITS = {"band_gap": "eV", "formation_energy": "eV/atom"}
 
@@ -84,7 +86,7 @@ MP_CITATION = "Materials Project (CC BY 4.0)"
 _BORLIDO_META_COLUMNS = ("Composition", "MP-ID", "ICSD-ID", "DOI")
 
 
-class LabDataError(ValueError):
+class LabDataError(InputError):
     """A lab-data CSV failed a check. ``errors`` lists one message per problem, each naming its line
     (the header is line 1) and the fix."""
 
@@ -206,10 +208,10 @@ def reduced_formula(formula: str) -> str:
             comp = Composition(text)
             reduced = comp.reduced_formula
     except Exception as exc:  # pymatgen raises ValueError, KeyError, ... for different malformed strings
-        raise ValueError(f"{formula!r} is not a chemical formula ({exc})") from exc
+        raise InputError(f"{formula!r} is not a chemical formula ({exc})") from exc
     unknown = [el.symbol for el in comp if not isinstance(el, Element)]  # pymatgen reads "Xy" as a DummySpecies
     if not text or unknown or comp.num_atoms <= 0:
-        raise ValueError(f"{formula!r} is not a chemical formula of real elements (unknown: {unknown or 'none'})")
+        raise InputError(f"{formula!r} is not a chemical formula of real elements (unknown: {unknown or 'none'})")
     return reduced
 
 
@@ -275,8 +277,29 @@ def canonical_property(name: str) -> str:
     """
     key = name.strip().lower().replace(" ", "_").replace("-", "_")
     if key not in PROPERTY_ALIASES:
-        raise ValueError(f"unknown property {name!r}: use one of {sorted(PROPERTY_ALIASES)}")
+        raise InputError(f"unknown property {name!r}: use one of {sorted(PROPERTY_ALIASES)}")
     return PROPERTY_ALIASES[key]
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a user's table file (``.csv`` or ``.csv.gz``), UTF-8 with or without the byte-order mark that
+    Excel writes. The one reader of user CSVs (lab data, predictions, pools, predict-gap input).
+
+    Raises:
+        FileNotFoundError: no such file (the message gives the absolute path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file", str(path.resolve()))
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode("utf-8-sig")
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a user's CSV file as dicts keyed by the header (see :func:`read_text_file`)."""
+    return list(csv.DictReader(io.StringIO(read_text_file(path), newline="")))
 
 
 def read_packaged_csv(name: str) -> list[dict[str, str]]:
@@ -314,7 +337,7 @@ def _borlido(method: str | None) -> ReferenceSet:
     else:
         by_lower = {m.lower(): m for m in methods}
         if wanted.lower() not in by_lower:
-            raise ValueError(f"Borlido set has no method {method!r}: use one of {methods}")
+            raise InputError(f"Borlido set has no method {method!r}: use one of {methods}")
         column = by_lower[wanted.lower()]
     e_form = {mid: value for mid, (_, value) in mp_formation_energies().items()}
     rows, missing = [], []
@@ -408,19 +431,19 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
     prop = canonical_property(property)
     key = str(name).strip().lower()
     if key in ("borlido", "zhuo") and prop != "band_gap":
-        raise ValueError(f"the {key} set holds band gaps only, not {prop}: use --reference mp for formation energies")
+        raise InputError(f"the {key} set holds band gaps only, not {prop}: use --reference mp for formation energies")
     if key == "borlido":
         return _borlido(method)
     if key == "zhuo":
         if method is not None and method.strip().lower() not in ("experiment", "experimental", "exp"):
-            raise ValueError(f"the zhuo set holds experimental gaps only, not {method!r}")
+            raise InputError(f"the zhuo set holds experimental gaps only, not {method!r}")
         return _zhuo()
     if key == "mp":
         if method is not None and method.strip().upper() != "PBE":
-            raise ValueError(f"the mp set holds PBE values only, not {method!r}")
+            raise InputError(f"the mp set holds PBE values only, not {method!r}")
         return _mp(prop)
     if method is not None:
-        raise ValueError(f"method={method!r} applies to the borlido set; a lab CSV gives a method per row")
+        raise InputError(f"method={method!r} applies to the borlido set; a lab CSV gives a method per row")
     from materials import dft_import  # imports this module
 
     if dft_import.is_dft_path(name):
@@ -473,8 +496,7 @@ def load_lab_csv(path: str | Path, property: str | None = None) -> ReferenceSet:
     path = Path(path)
     if not path.is_file():
         raise LabDataError(path, [f"file not found: {path.resolve()}"])
-    text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""))
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
         raise LabDataError(path, ["line 1: empty file; the first line must be the header " + _lab_header_hint()])

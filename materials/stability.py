@@ -42,6 +42,8 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Element, Structure
 from pymatgen.entries.computed_entries import ComputedEntry
 
+from materials.errors import InputError
+
 EnergyConvention = Literal["mp2020", "uncorrected", "self"]
 #: The energy conventions a potential can declare (see the module docstring).
 ENERGY_CONVENTIONS: tuple[str, ...] = ("mp2020", "uncorrected", "self")
@@ -56,7 +58,7 @@ MOLECULAR_REFERENCES = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
 _ELEMENT_RE = re.compile(r"[A-Z][a-z]?")
 
 
-class StabilityError(ValueError):
+class StabilityError(InputError):
     """Energies cannot be put on the reference scale; the message names the item and the fix."""
 
 

@@ -17,11 +17,13 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from materials.errors import InputError
+
 #: File suffixes read by :func:`load_structure_dir` (case-insensitive); POSCAR/CONTCAR match by name.
 STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".extxyz", ".xyz", ".json")
 
 
-class StructureCheckError(ValueError):
+class StructureCheckError(InputError):
     """A structure failed a pre-simulation check; the message names the item and the fix."""
 
 

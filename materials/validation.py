@@ -39,6 +39,7 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from materials.errors import InputError
 from materials.reference import DUPLICATE_POLICIES, RecordWithStructure, ReferenceRow, ReferenceSet, reduced_formula
 
 MATCH_MODES = ("formula", "structure", "auto")
@@ -236,13 +237,13 @@ def match(
         beyond :data:`DUPLICATE_SPREAD_TOLERANCE` are in ``duplicate_conflicts``, once per set of rows.
     """
     if by not in MATCH_MODES:
-        raise ValueError(f"{by=} is not one of {MATCH_MODES}")
+        raise InputError(f"{by=} is not one of {MATCH_MODES}")
     policy = duplicates or reference.duplicate_policy
     if policy not in DUPLICATE_POLICIES:
-        raise ValueError(f"duplicates={policy!r} is not one of {DUPLICATE_POLICIES}")
+        raise InputError(f"duplicates={policy!r} is not one of {DUPLICATE_POLICIES}")
     repeated = sorted(i for i, c in Counter(p.id for p in predictions).items() if c > 1)
     if repeated:
-        raise ValueError(f"prediction ids must be unique; repeated: {repeated[:10]}")
+        raise InputError(f"prediction ids must be unique; repeated: {repeated[:10]}")
     matcher = matcher or StructureMatcher()
     by_formula: dict[str, list[ReferenceRow]] = defaultdict(list)
     for row in reference.rows:

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from materials.errors import InputError
 from materials.features import featurize_formulas, site_element_columns
 from materials.optimize import AcquisitionSettings, WindowObjective, expected_random_evaluations, simulate_campaign
 from materials.reference import finite_float
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """Bad benchmark input (missing column, no usable rows, too few hits)."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from materials.errors import InputError, RunError
 from materials.features import featurize_formulas, site_element_columns
 from materials.finetune import read_frames, write_frames
 from materials.optimize import (
@@ -41,8 +42,12 @@ from pipelines.config import CampaignConfig
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
 
 
-class CampaignError(RuntimeError):
+class CampaignError(InputError):
     """The campaign cannot start or resume; the message says why and what to do."""
+
+
+class CampaignFailed(RunError):
+    """The campaign started but cannot go on (every evaluation failed); the message says where the reasons are."""
 
 
 @dataclass
@@ -58,15 +63,13 @@ class Pool:
 
 
 def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV file (``.csv`` or ``.csv.gz``) as dicts."""
-    import gzip
+    """Rows of a pool or label CSV file (``.csv`` or ``.csv.gz``, with or without a byte-order mark) as dicts."""
+    from materials.reference import read_csv_rows as read_rows
 
     path = Path(path)
     if not path.is_file():
         raise CampaignError(f"pool file {path} not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_rows(path)
 
 
 def pool_from_rows(
@@ -201,9 +204,19 @@ def campaign_fingerprint(config: CampaignConfig) -> str:
     exclude = {"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
     science = config.model_dump(mode="json", exclude=exclude)
     # settings added later count only when set, so campaigns started before they existed still resume
-    for section, key, default in (("pool", "oxidation", False), ("optimizer", "surrogate", "gp")):
+    added_later = (
+        ("pool", "oxidation", False),
+        ("optimizer", "surrogate", "gp"),
+        ("dft", "magnetic_order", "lowest"),
+        ("dft", "hubbard_u", "mp"),
+        ("dft", "mp2020", True),
+    )
+    for section, key, default in added_later:
         if science.get(section, {}).get(key) == default:
             science[section].pop(key)
+    if config.oracle.kind != "dft" and science.get("dft", {}).get("spinpol") is None:
+        # the automatic spin rule (default since magnetism came in) matters to the DFT oracle only
+        science["dft"]["spinpol"] = False
     return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -301,22 +314,29 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
     import ray
 
     from pipelines.execution import init_ray
-    from pipelines.tracking import Tracker, git_commit
+    from pipelines.tracking import Tracker, git_commit, redact
 
     start = time.perf_counter()
     out = Path(out_dir or config.output_dir)
+    # a CSV pool is read and checked before anything is written (a generated pool needs Ray: it is screened later)
+    try:
+        csv_pool = build_pool_and_oracle(config, out) if config.pool.csv else None
+    except OracleError as exc:
+        raise CampaignError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = campaign_fingerprint(config)
     store = CampaignStore(out / "campaign.sqlite")
     previous = store.get_meta("fingerprint")
     if previous is not None and previous != fingerprint:
-        store.close()
-        raise CampaignError(f"{out} holds a campaign with different settings; use another --out")
+        if store.iterations():
+            store.close()
+            raise CampaignError(f"{out} holds a campaign with different settings; use another --out")
+        store.set_meta("mlflow_run_id", None)  # an earlier start that evaluated nothing: reuse the folder
     if previous is not None and not resume and store.iterations():
         store.close()
         raise CampaignError(f"{out} already holds this campaign; pass --resume to continue it or choose another --out")
     store.set_meta("fingerprint", fingerprint)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
 
     objective = objective_from_config(config)
     mode = config.objective.mode
@@ -326,7 +346,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
     started_ray = False
     try:
         started_ray = init_ray(config.ray)
-        pool, oracle = build_pool_and_oracle(config, out)
+        pool, oracle = csv_pool or build_pool_and_oracle(config, out)
         if len(pool.ids) < opt.n_init:
             raise CampaignError(f"the pool has {len(pool.ids)} usable rows, fewer than optimizer.n_init={opt.n_init}")
         tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
@@ -408,7 +428,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
             ok_idx = [i for i in order if done[i]["status"] == "ok"]
             failed_idx = [i for i in order if done[i]["status"] != "ok"]
             if not ok_idx:
-                raise CampaignError("every evaluation so far failed: see evaluations.csv for the reasons")
+                raise CampaignFailed("every evaluation so far failed: see evaluations.csv for the reasons")
             y = method_targets(method, objective, label_arrays([done[i]["labels"] for i in ok_idx], objective))
             if failed_idx:
                 # a failed candidate is never proposed again and counts as the worst candidate observed so far
@@ -484,6 +504,9 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
         )
     except OracleError as exc:
         raise CampaignError(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None:
             tracker.end(status)

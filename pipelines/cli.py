@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from materials.errors import InputError, SemidiscError
+
 
 def _print_summary(summary) -> None:
     print(
@@ -98,7 +100,7 @@ def cmd_bo_benchmark(args: argparse.Namespace) -> int:
     from pipelines.bo_benchmark import format_report, load_labelled_pool, report_json, run_benchmark, trace_plot
 
     if (args.stable_column is None) != (args.stable_max is None):
-        raise ValueError("--stable-column and --stable-max go together")
+        raise InputError("--stable-column and --stable-max go together")
     low, high = (math.inf if v in ("inf", "+inf") else -math.inf if v == "-inf" else float(v) for v in args.window)
     objective = WindowObjective(
         target=args.target, low=low, high=high, stable=args.stable_column, stable_max=args.stable_max
@@ -166,7 +168,7 @@ def cmd_dft(args: argparse.Namespace) -> int:
     config = load_dft_config(args.config)
     if args.functional is not None:
         if not args.bandgap:
-            raise ValueError(f"--functional {args.functional} sets the band-gap functional: add --bandgap")
+            raise InputError(f"--functional {args.functional} sets the band-gap functional: add --bandgap")
         # pbe: the Kohn-Sham gap of PBE; gllbsc: GLLB-SC (Kohn-Sham gap + discontinuity). Energies stay PBE.
         dft = {"pbe": {"xc": "PBE", "gap_functional": "ks"}, "gllbsc": {"gap_functional": "gllbsc"}}[args.functional]
         config = config.model_copy(update={"dft": replace(config.dft, **dft)})
@@ -297,6 +299,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semidisc", description="Discover semiconductor materials.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     screen = sub.add_parser("screen", help="enumerate/read structures, relax with an MLIP on Ray, rank by E_hull")
     screen.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
@@ -424,31 +427,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what to tell a user whose run was stopped, per command (every command writes results as they come)
+RESUME_HINTS = {
+    "screen": "rerun the same command with --resume (same --out) to continue",
+    "campaign": "rerun the same command with --resume (same --out) to continue",
+    "dft": "rerun the same command (same --out) to continue: finished items are skipped",
+    "finetune": "rerun the same command (same --out) to continue: computed DFT frames are reused",
+}
+
+
+def _stopped_message(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    from pipelines.interrupts import was_terminated
+
+    why = "terminated (SIGTERM)" if was_terminated(exc) else "interrupted"
+    hint = RESUME_HINTS.get(args.command)
+    if hint is None:
+        return f"semidisc {args.command}: {why}; nothing was lost that had been written; run it again"
+    return f"semidisc {args.command}: {why}; results computed so far are saved; {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Exit codes: 0 done; 2 a user error (the message names the input and the fix);
+    1 the run failed; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). ``--debug`` shows tracebacks."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
-    from materials.finetune import FinetuneError
-    from materials.potentials import PotentialError
-    from materials.structures import StructureCheckError
-    from pipelines.config import ConfigError
-    from pipelines.screen import ResumeError
-    from pipelines.validate import ValidationInputError
+    from pipelines.interrupts import install_sigterm_handler, was_terminated
 
+    install_sigterm_handler()
     try:
         return args.func(args)
-    except (
-        ConfigError,
-        ResumeError,
-        PotentialError,
-        FinetuneError,
-        StructureCheckError,
-        ValidationInputError,
-        FileNotFoundError,
-        ValueError,
-    ) as exc:
-        print(f"semidisc: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(_stopped_message(args, exc), file=sys.stderr)
+        return 143 if was_terminated(exc) else 130
+    except (SemidiscError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"semidisc: error: {_one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, SemidiscError):
+            return exc.exit_code
+        return 2 if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message; an OSError also names its file (``[Errno 13] Permission denied: 'x'``)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, SemidiscError) and exc.filename is not None:
+        text = f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+        if isinstance(exc, PermissionError):
+            text += " (choose a folder you can write to, e.g. --out)"
+    return text
 
 
 if __name__ == "__main__":

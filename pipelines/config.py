@@ -7,6 +7,7 @@ Science parameters are the dataclasses of ``materials`` (their fields are the YA
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -14,13 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from materials.dft import DFTSettings
+from materials.errors import InputError
 from materials.finetune import TrainSettings
 from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """The config file is missing, unparseable or invalid; the message names the key."""
 
 
@@ -159,8 +161,69 @@ def validate_config(model: type[_M], data: dict[str, Any], source: str = "config
 
 
 def load_yaml_config(model: type[_M], path: str | Path) -> _M:
-    """Read a YAML file and validate it as ``model``; :class:`ConfigError` names the file and the bad key."""
-    return validate_config(model, _read_yaml(path), str(path))
+    """Read a YAML file and validate it as ``model``; :class:`ConfigError` names the file and the bad key.
+    Input paths in it are relative to the file (:func:`resolve_input_paths`)."""
+    return validate_config(model, resolve_input_paths(_read_yaml(path), Path(path).parent, str(path)), str(path))
+
+
+#: keys whose string values name input files: relative ones are read relative to the config file
+INPUT_FILE_KEYS = frozenset({"csv", "structure_files", "train_file", "heldout_file"})
+#: keys that hold a file only when the value looks like a path (else a name: ``medium-mpa-0``, ``0.3.0``)
+MODEL_KEYS = frozenset({"model", "foundation_model"})
+MODEL_SUFFIXES = (".model", ".pt", ".pth", ".tar", ".ckpt")
+
+
+def _looks_like_model_file(value: str) -> bool:
+    if ":/" in value:  # mlflow:/name/1, models:/..., s3://...
+        return False
+    return value.endswith(MODEL_SUFFIXES) or "/" in value or value.startswith(".")
+
+
+def resolve_input_paths(data: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
+    """Rewrite relative input paths of a config (``pool.csv``, ``oracle.csv``, ``potential.model``, ``*_file``,
+    ``structure_files``, ``foundation_model``) as paths relative to ``base``, the config file's folder, so a config
+    works from any working folder and a copied config finds what lies next to it. Output folders and the MLflow
+    store keep MLflow's convention (relative to where you run).
+
+    Raises:
+        ConfigError: a relative input path that is missing next to the config but exists relative to the working
+            folder (the old convention): the message gives the path to write instead.
+    """
+
+    def fix(key: str, value: str, where: str) -> str:
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        candidate = Path(os.path.normpath(base / path))
+        if candidate.exists():
+            return str(candidate)
+        if path.exists():
+            suggestion = os.path.relpath(path.resolve(), base.resolve())
+            raise ConfigError(
+                f"{source}: {where}: {value!r} is read relative to the config file's folder ({base}), where it "
+                f"does not exist; it exists relative to the working folder: write {suggestion!r} (or an absolute path)"
+            )
+        return str(candidate) if key in INPUT_FILE_KEYS else value
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if (
+                    isinstance(value, str)
+                    and value
+                    and (key in INPUT_FILE_KEYS or (key in MODEL_KEYS and _looks_like_model_file(value)))
+                ):
+                    out[key] = fix(key, value, here)
+                else:
+                    out[key] = walk(value, here)
+            return out
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    return walk(data, "")
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> ScreenConfig:
@@ -181,8 +244,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> ScreenConfig:
-    """Read and validate a YAML config. Raises :class:`ConfigError` naming the file and the bad key."""
-    return parse_config(_read_yaml(path), str(path))
+    """Read and validate a YAML config. Raises :class:`ConfigError` naming the file and the bad key. Input paths
+    in it are relative to the file (:func:`resolve_input_paths`)."""
+    return load_yaml_config(ScreenConfig, path)
 
 
 class PoolSettings(_Strict):
@@ -357,5 +421,6 @@ def parse_campaign_config(data: dict[str, Any], source: str = "config") -> Campa
 
 
 def load_campaign_config(path: str | Path) -> CampaignConfig:
-    """Read and validate a campaign YAML; :class:`ConfigError` names the file and the bad key."""
-    return parse_campaign_config(_read_yaml(path), str(path))
+    """Read and validate a campaign YAML; :class:`ConfigError` names the file and the bad key. Input paths in it
+    (``pool.csv``, ``oracle.csv``, model files) are relative to the file."""
+    return load_yaml_config(CampaignConfig, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
 from pipelines.config import RaySettings
+from pipelines.interrupts import install_sigterm_handler, sigterm_handler_installed
 
 
 @dataclass
@@ -29,10 +31,51 @@ class WorkItem:
     structure: dict[str, Any]
 
 
+#: Ray's switch for "local-only" nodes (on by default only on macOS/Windows): with it off, a node's IP is the
+#: loopback address and every Ray server binds there (see :func:`_loopback_only`).
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local Ray starts, make its node IP 127.0.0.1 so that every Ray process listens on loopback only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray 2.60 swaps a loopback address for the
+    machine's routable one (``ray/_private/worker.py``: ``_node_ip_address =
+    services.resolve_ip_for_localhost(_node_ip_address)``), and its servers bind to loopback only when the node
+    IP is loopback (GCS, raylet, core-worker gRPC), otherwise to all interfaces (``::``/``0.0.0.0``: dashboard
+    agent gRPC and metrics exporter, autoscaler and dashboard metrics) or to the node IP (runtime-env agent).
+    ``resolve_ip_for_localhost`` keeps loopback when ``ray_constants.ENABLE_RAY_CLUSTER`` is false, i.e. with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's local-only mode, its default on macOS and Windows). The
+    constant is read when ray is imported, so it is switched here for the start only (the variable is inherited
+    by the processes Ray spawns) and restored afterwards: a later ``ray.init(address=...)`` in this process
+    behaves as usual.
+    """
+    from ray._private import ray_constants
+
+    previous_env = os.environ.get(RAY_CLUSTER_SWITCH)
+    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_env is None:
+            os.environ.pop(RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[RAY_CLUSTER_SWITCH] = previous_env
+
+
 def init_ray(settings: RaySettings) -> bool:
-    """Start or join Ray. Returns True if this call started it (the caller then shuts it down)."""
+    """Start or join Ray. Returns True if this call started it (the caller then shuts it down).
+
+    A local Ray (no ``ray.address``, no RAY_ADDRESS) listens on 127.0.0.1 only: GCS, raylet (node and object
+    manager), workers' gRPC servers, dashboard agent (gRPC, HTTP, metrics exporter), runtime-env agent and the
+    autoscaler/dashboard metrics servers (tests/test_security.py lists them). The dashboard UI is off."""
     if ray.is_initialized():
         return False
+    graceful_sigterm = sigterm_handler_installed()  # ray.init replaces it with sys.exit
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = settings.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
@@ -43,14 +86,17 @@ def init_ray(settings: RaySettings) -> bool:
         env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in job_vars}}
         ray.init(address=address, runtime_env=env if env["env_vars"] else None, log_to_driver=False)
     else:
-        ray.init(
-            num_cpus=settings.num_cpus,
-            include_dashboard=False,
-            object_store_memory=settings.object_store_memory,
-            _node_ip_address="127.0.0.1",
-            runtime_env=env,
-            log_to_driver=False,
-        )
+        with _loopback_only():
+            ray.init(
+                num_cpus=settings.num_cpus,
+                include_dashboard=False,
+                object_store_memory=settings.object_store_memory,
+                _node_ip_address="127.0.0.1",
+                runtime_env=env,
+                log_to_driver=False,
+            )
+    if graceful_sigterm:
+        install_sigterm_handler()
     return True
 
 

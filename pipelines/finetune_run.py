@@ -26,6 +26,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from materials.dft import DFTSettings
+from materials.errors import InputError, RunError
 from materials.finetune import DataSettings, TrainSettings
 from materials.potentials import PotentialSpec
 from pipelines.config import ConfigError, RaySettings, TrackingSettings, _Strict, load_yaml_config
@@ -61,9 +62,9 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _has_data(self) -> FinetuneConfig:
         if not (self.structures or self.structure_files or self.train_file):
-            raise ValueError("no training data: give structures (prototype + species), structure_files or train_file")
+            raise InputError("no training data: give structures (prototype + species), structure_files or train_file")
         if self.register_as is not None and not self.register_as.strip():
-            raise ValueError("register_as must be a non-empty name or null")
+            raise InputError("register_as must be a non-empty name or null")
         return self
 
 
@@ -197,7 +198,7 @@ def _run_labelling(
                 print(f"  {job.id}: failed: {reason}", flush=True)
         for symbol, energy, error in ray.get(pending_refs):
             if error is not None:
-                raise RuntimeError(f"elemental reference for E0s failed: {error}")
+                raise RunError(f"elemental reference for E0s failed: {error}")
             refs[symbol] = energy
     finally:
         if started:
@@ -273,13 +274,13 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None, nest
     from materials.finetune import dataset_hash, evaluate_calculator, train_mace, validate_training_set, write_frames
     from materials.potentials import load_potential
     from pipelines.registry import parse_registry_uri, register_model_file, resolve_potential
-    from pipelines.tracking import Tracker, git_commit
+    from pipelines.tracking import Tracker, git_commit, redact
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     out = Path(out_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
     jobs = label_jobs(config)
     symbols = sorted({s for j in jobs for s in j.atoms.get_chemical_symbols()})
     refs, failures = _run_labelling(config, jobs, symbols, out)
@@ -380,5 +381,8 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None, nest
             mlflow_run_id=tracker.run_id,
             notes=notes,
         )
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts)
+        status = "KILLED"
+        raise
     finally:
         tracker.end(status)

@@ -5,6 +5,7 @@ Results are written to ``<out>/results.sqlite`` as each chunk finishes; ``resume
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -18,7 +19,8 @@ from pymatgen.core import Composition
 from tqdm import tqdm
 
 from materials.candidates import Candidate, enumerate_candidates
-from materials.potentials import weights_hash
+from materials.errors import InputError
+from materials.potentials import PotentialSpec, load_potential, weights_hash
 from materials.stability import (
     BELOW_HULL_WARNING,
     EnergyReferences,
@@ -31,10 +33,10 @@ from materials.structures import load_structure_dir
 from pipelines.config import ScreenConfig
 from pipelines.execution import WorkItem, chunked, init_ray, make_workers, run_chunks
 from pipelines.store import ResultStore
-from pipelines.tracking import Tracker, git_commit
+from pipelines.tracking import Tracker, git_commit, redact
 
 
-class ResumeError(RuntimeError):
+class ResumeError(InputError):
     """The output folder holds another screen, or a finished one without ``--resume``."""
 
 
@@ -113,7 +115,7 @@ def build_work_items(
                 )
     else:
         if not config.candidates.prototypes:
-            raise ValueError(
+            raise InputError(
                 "candidates.prototypes is empty: list prototypes and elements in the config, or pass --structures DIR"
             )
         cands: list[Candidate] = enumerate_candidates(
@@ -130,7 +132,7 @@ def build_work_items(
 def _check_limit(limit: int | None) -> None:
     # a slice would read -1 as "all but the last" and 0 as "nothing" (an empty run logged to MLflow)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r}: give a whole number >= 1 of items to screen, or None for all")
+        raise InputError(f"limit={limit!r}: give a whole number >= 1 of items to screen, or None for all")
 
 
 def resolve_references(config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str]) -> EnergyReferences:
@@ -215,6 +217,17 @@ def _add_predicted_gaps(csv_path: Path) -> None:
     add_gap_columns(csv_path)
 
 
+def check_potential_loads(spec: PotentialSpec) -> None:
+    """Load the potential once here, in the driver and on the CPU, so that a wrong name, a missing file or
+    weights that cannot be downloaded fail at once with one message, before any Ray work starts (inside an actor
+    they would surface a minute later as a traceback or as every row failing).
+
+    Raises:
+        PotentialError: the potential cannot be loaded; the message says how to fix it.
+    """
+    load_potential(dataclasses.replace(spec, device="cpu"))
+
+
 def run_screen(
     config: ScreenConfig,
     structures: str | None = None,
@@ -225,35 +238,45 @@ def run_screen(
 ) -> ScreenSummary:
     """Run (or resume) a screen and return its summary; results in ``<out>/results.csv``.
 
+    Every input (limit, structures or candidate settings, the potential) is checked before anything is written or
+    logged, so a corrected rerun into the same ``out_dir`` is not refused; a folder whose earlier start stored no
+    result is reused whatever its settings were.
+
     Raises:
-        ValueError: ``limit`` below 1, before anything is written or logged.
+        InputError: ``limit`` below 1, no candidates, an unreadable structures folder.
+        PotentialError: the potential cannot be loaded.
+        ResumeError: ``out_dir`` holds results of another screen, or of this one without ``resume``.
     """
     _check_limit(limit)
     start = time.perf_counter()
     out = Path(out_dir or config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fingerprint = config_fingerprint(config, structures, limit)
     # a registry URI (potential.model: mlflow:/name/version) becomes a local .model file; tags record which
     from pipelines.registry import resolve_potential
 
     potential, registry_tags = resolve_potential(config.potential, config.tracking.uri)
     config = config.model_copy(update={"potential": potential})
+    # every input is checked before anything is written: a mistake fixed and rerun meets no stale fingerprint
+    items, prefailed = build_work_items(config, structures, limit)
+    check_potential_loads(config.potential)
+    out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.sqlite")
     previous = store.get_meta("fingerprint")
-    if previous is not None and previous != fingerprint:
-        store.close()
-        raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
     n_stored = len(store)
-    if previous is not None and not resume and n_stored:
+    if previous is not None and previous != fingerprint:
+        if n_stored:
+            store.close()
+            raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
+        store.set_meta("mlflow_run_id", None)  # an earlier start that stored nothing: reuse the folder
+    if previous == fingerprint and not resume and n_stored:
         store.close()
         raise ResumeError(
             f"{out} already holds {n_stored} results of this screen; "
             "pass --resume to continue it, or choose another --out"
         )
     store.set_meta("fingerprint", fingerprint)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
 
-    items, prefailed = build_work_items(config, structures, limit)
     done = store.done_ids()
     store.write(r for r in prefailed if r["id"] not in done)
     todo = [it for it in items if it.id not in done]
@@ -363,6 +386,9 @@ def run_screen(
             below,
             n_warnings,
         )
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None:
             tracker.end(status)

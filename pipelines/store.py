@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,6 +41,8 @@ RESULT_COLUMNS = (
     "seconds",
 )
 _EXTRA_COLUMNS = ("stress", "structure")
+#: terminal colour codes (ESC [ ... m) that must not reach a CSV
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class ResultStore:
@@ -94,6 +97,8 @@ class ResultStore:
                     value = None
                 elif isinstance(value, bool):
                     value = int(value)
+                elif name == "failure_reason" and isinstance(value, str):
+                    value = ANSI_ESCAPE.sub("", value)  # Ray colours the errors it relays from workers
                 row.append(value)
             rows.append(row)
         placeholders = ", ".join("?" for _ in names)

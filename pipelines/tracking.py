@@ -1,16 +1,52 @@
 """MLflow tracking: one run per screen (params = the config, metrics, artifacts, tags). Telemetry off.
 
 Default store: ``sqlite:///mlruns/mlflow.db`` (the file store is deprecated in MLflow 3 and raises).
+
+Credentials never reach MLflow: every param, tag and logged document goes through :func:`redact` (a
+``user:password@`` in a URI, or a ``token=``/``password=``-like query parameter, becomes ``***``), and the
+``config.yaml`` written beside results (and logged) is dumped through :func:`redact` as well.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import TrackingSettings
+
+REDACTED = "***"
+# scheme://userinfo@ : the whole userinfo (user, user:password or a bare token) goes
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s]+)@")
+# ?token=... &password=... ;api_key=... : query (or matrix) parameters whose name says they carry a secret
+_SECRET_QUERY_PARAM = re.compile(
+    r"(?P<key>[?&;][A-Za-z0-9_.\-]*(?:token|passw(?:or)?d|pwd|secret|api[_-]?key|access[_-]?key|auth"
+    r"|credential|signature|sig)[A-Za-z0-9_.\-]*=)(?P<value>[^&;#\s]*)",
+    re.IGNORECASE,
+)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with credentials in any URI it contains replaced by ``***``: the userinfo part
+    (``http://alice:s3cret@host:5000`` -> ``http://***@host:5000``) and the values of secret-looking query
+    parameters (``?token=abc`` -> ``?token=***``; names containing token, password, passwd, pwd, secret,
+    api_key, access_key, auth, credential, signature or sig). Anything else is returned unchanged."""
+    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _SECRET_QUERY_PARAM.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+def redact(data: Any) -> Any:
+    """``data`` (a string, or dicts/lists/tuples of them, e.g. a dumped config) with :func:`redact_uri` applied
+    to every string value; other values unchanged. Returns a copy."""
+    if isinstance(data, str):
+        return redact_uri(data)
+    if isinstance(data, dict):
+        return {key: redact(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact(value) for value in data)
+    return data
 
 
 def git_commit() -> str:
@@ -62,13 +98,13 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
-            clean = {k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()}
+            clean = {k: ("null" if v is None else redact_uri(str(v))[:6000]) for k, v in params.items()}
             existing = self._mlflow.get_run(self.run_id).data.params
             self._mlflow.log_params({k: v for k, v in clean.items() if k not in existing})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            self._mlflow.set_tags({k: redact_uri(str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
@@ -84,7 +120,7 @@ class Tracker:
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:
-            self._mlflow.log_dict(data, artifact_file)
+            self._mlflow.log_dict(redact(data), artifact_file)
 
     def log_child_run(
         self,
@@ -97,10 +133,10 @@ class Tracker:
         if not self.enabled:
             return None
         with self._mlflow.start_run(run_name=name, nested=True) as child:
-            self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            self._mlflow.log_params({k: redact_uri(str(v))[:6000] for k, v in params.items()})
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             for artifact_file, data in (documents or {}).items():
-                self._mlflow.log_dict(data, artifact_file)
+                self._mlflow.log_dict(redact(data), artifact_file)
         return child.info.run_id
 
     def end(self, status: str = "FINISHED") -> None:

@@ -4,13 +4,15 @@ reference set (Borlido, Zhuo, MP or a lab CSV), write a markdown/HTML report wit
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from materials.reference import canonical_property, case_hint, finite_float, load_reference
+from materials.errors import InputError
+from materials.reference import canonical_property, case_hint, finite_float, load_reference, read_text_file
 from materials.validation import DuplicateConflict, Prediction, SkippedPrediction, match, match_metrics, write_report
 from pipelines.config import TrackingSettings
 
@@ -35,7 +37,7 @@ def prediction_fidelity(path: Path, column: str) -> str | None:
     """The level of theory of a band-gap prediction column (None when it cannot be told)."""
     if column in GAP_COLUMN_FIDELITY:
         return GAP_COLUMN_FIDELITY[column]
-    with path.open(newline="") as handle:
+    with io.StringIO(read_text_file(path), newline="") as handle:
         functionals = {(row.get("functional") or "").strip() for row in csv.DictReader(handle)} - {""}
     if len(functionals) == 1:
         functional = functionals.pop()
@@ -43,7 +45,7 @@ def prediction_fidelity(path: Path, column: str) -> str | None:
     return None
 
 
-class ValidationInputError(ValueError):
+class ValidationInputError(InputError):
     """The predictions cannot be read or lack the needed column; the message lists what is there."""
 
 
@@ -72,13 +74,15 @@ def _resolve_predictions_csv(source: str, tracking: TrackingSettings) -> Path:
     # an MLflow run id: fetch its results.csv artifact
     import mlflow
 
+    from pipelines.tracking import redact_uri
+
     mlflow.set_tracking_uri(tracking.uri)
     try:
         local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path="results.csv")
     except Exception as exc:  # MLflow raises several types for an unknown run or artifact
         raise ValidationInputError(
             f"--predictions {source!r} is neither a file, a folder nor an MLflow run with results.csv "
-            f"in {tracking.uri} ({type(exc).__name__})"
+            f"in {redact_uri(tracking.uri)} ({type(exc).__name__})"
         ) from None
     return Path(local)
 
@@ -99,7 +103,7 @@ def read_predictions(
         ValidationInputError: no rows, no such column, or formulas that parse only in another letter case
             (``si``, ``GAAS``), every such row named with the formula it probably means.
     """
-    with path.open(newline="") as handle:
+    with io.StringIO(read_text_file(path), newline="") as handle:
         reader = csv.DictReader(handle)
         rows = [(reader.line_num, row) for row in reader]  # line numbers count the header as line 1
     if not rows:
@@ -161,7 +165,7 @@ def _gap_column(path: Path, ref, column: str | None, allow_mismatch: bool) -> st
     Raises:
         ValidationInputError: the fidelities differ and ``allow_mismatch`` is false, or no column fits.
     """
-    with path.open(newline="") as handle:
+    with io.StringIO(read_text_file(path), newline="") as handle:
         columns = list(csv.DictReader(handle).fieldnames or [])
     wanted = reference_fidelity(ref)
     if column is None:
@@ -207,7 +211,8 @@ def run_validation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{prop.replace('_', ' ')}: {path.name}" + (f" column {column}" if column else "") + f" vs {ref.name}"
-    with path.open(newline="") as handle:  # a screen's energies: say which convention put them on MP's scale
+    # a screen's energies: say which convention put them on MP's scale
+    with io.StringIO(read_text_file(path), newline="") as handle:
         conventions = sorted({row.get("energy_convention") or "" for row in csv.DictReader(handle)} - {""})
     if conventions and prop == "formation_energy":
         title += f" (energy convention {', '.join(conventions)})"

@@ -92,6 +92,8 @@ def ray_head():
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
+        # Ray's local-only switch: without it Ray 2.60 swaps --node-ip-address=127.0.0.1 for the machine's address
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "OMP_NUM_THREADS": "1",

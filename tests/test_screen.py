@@ -20,7 +20,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from materials.bandgap import PREDICTION_COLUMNS
 from pipelines.config import parse_config
 from pipelines.screen import ResumeError, run_screen
-from pipelines.store import RESULT_COLUMNS
+from pipelines.store import RESULT_COLUMNS, ResultStore
 
 pytestmark = pytest.mark.slow
 
@@ -139,22 +139,48 @@ def test_interrupted_screen_resumes_to_identical_results(tmp_path):
     assert len(expected) == 12
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while _stored(out) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the screen finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    proc.wait(timeout=120)
+
+    def stop_after(stored: int, sig: int, extra: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.time() + 240
+        while _stored(out) < stored and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the screen finished before it could be interrupted"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+    def mlflow_status() -> str:
+        import mlflow
+
+        with ResultStore(out / "results.sqlite") as store:
+            run_id = store.get_meta("mlflow_run_id")
+        return mlflow.MlflowClient(data["tracking"]["uri"]).get_run(run_id).info.status
+
+    cut = stop_after(3, signal.SIGINT, [])  # Ctrl-C
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    assert "interrupted; results computed so far are saved; rerun the same command with --resume" in cut.stderr
+    assert "Traceback" not in cut.stderr
+    assert mlflow_status() == "KILLED"
     done_before = _stored(out)
     assert 3 <= done_before < 12
     assert not (out / "results.csv").exists()
 
     again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
+    # SIGTERM (Slurm's time limit, Kubernetes, kill) stops the resumed run the same way
+    term = stop_after(done_before + 2, signal.SIGTERM, ["--resume"])
+    assert term.returncode == 143, term.stderr[-2000:]
+    assert "terminated (SIGTERM); results computed so far are saved" in term.stderr and "Traceback" not in term.stderr
+    assert mlflow_status() == "KILLED"
+    done_before = _stored(out)
+    assert done_before < 12
     resumed = subprocess.run([*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"({12 - done_before} relaxed this run" in resumed.stdout
+    assert mlflow_status() == "FINISHED"
     got = read_csv(out / "results.csv")
     assert set(got) == set(expected)
     for key, row in expected.items():
