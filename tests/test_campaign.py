@@ -208,6 +208,9 @@ def test_forest_surrogate_campaign_with_oxidation_features(pool_csv, tmp_path):
         mode="json", exclude={"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
     )
     del science["pool"]["oxidation"], science["optimizer"]["surrogate"]
+    for key in ("magnetic_order", "hubbard_u", "mp2020"):  # DFT settings added with magnetism and +U
+        del science["dft"][key]
+    science["dft"]["spinpol"] = False  # the default before the automatic spin rule
     before = hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
     assert campaign_fingerprint(plain) == before != campaign_fingerprint(config)
 
