@@ -176,11 +176,12 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     store_path = out / "results.sqlite"
     if not out.is_dir():
         raise NotAScreenError(f"{out}: no such folder; give the out_dir of screen() or the --out of semidisc screen")
-    if _count_results(store_path) is None:
+    if not store_path.is_file():
         raise NotAScreenError(
             f"{out} is not a screen output folder (no results.sqlite with screen results in it); give the out_dir "
             "of screen() or the --out of semidisc screen"
         )
+    _count_results(store_path)  # a file that is not a result store is named with the reason
     with ResultStore(store_path) as store:
         records = list(store.records(with_structures=True))
     structures = {r["id"]: Structure.from_dict(r["structure"]) if r["structure"] else None for r in records}
@@ -294,18 +295,25 @@ def _check_ids(ids: Sequence[str], n_structures: int) -> None:
         seen[name.lower()] = name
 
 
-def _count_results(store_path: Path) -> int | None:
-    """Rows in a screen's result store, or None when ``store_path`` is not one (read-only: creates nothing)."""
+def _count_results(store_path: Path) -> int:
+    """Rows in a screen's result store; 0 when there is no store yet (read-only: creates nothing).
+
+    Raises:
+        NotAScreenError: ``store_path`` exists but is not a screen's result store (the SQLite error says why).
+    """
     if not store_path.is_file():
-        return None
+        return 0
     try:
         db = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
         finally:
             db.close()
-    except sqlite3.DatabaseError:  # not SQLite, or no results table: not a screen store
-        return None
+    except sqlite3.DatabaseError as exc:  # not SQLite, or no results table
+        raise NotAScreenError(
+            f"{store_path} is not a screen's result store ({exc}); give the out_dir of screen() or the --out of "
+            "semidisc screen"
+        ) from None
 
 
 def _is_atoms(item: object) -> bool:

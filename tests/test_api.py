@@ -152,7 +152,9 @@ def test_load_results_names_a_folder_that_is_not_a_screen(tmp_path):
         load_results(plain)
     assert not (plain / "results.sqlite").exists()  # looking creates nothing
     (plain / "results.sqlite").write_text("not a database")
-    with pytest.raises(NotAScreenError, match="not_a_screen"):
+    with pytest.raises(
+        NotAScreenError, match=r"not_a_screen/results\.sqlite is not a screen's result store \(file is not a database\)"
+    ):
         load_results(plain)
     with pytest.raises(NotAScreenError, match="missing_folder: no such folder"):
         load_results(tmp_path / "missing_folder")
