@@ -1,4 +1,5 @@
-# semidisc — `make demo` runs the quickstart screen, `make test` runs the test suite; both set up everything.
+# semidisc — `make demo` runs the quickstart screen, `make test` runs the test suite; both set up everything
+# (`make test` also builds SevenNet's venv, .venv-sevennet, which its tests use).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,14 @@ export MKL_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench lint clean
+# SevenNet needs e3nn>=0.5, mace-torch pins e3nn 0.4.4: SevenNet gets a venv of its own (built on request,
+# `make setup-sevennet`; `make test` builds it too). Its Ray actors run there (runtime_env py_executable); the
+# packages both venvs share are pinned to the main venv's versions (Ray and Python must match exactly).
+SEVENNET_VENV ?= .venv-sevennet
+SEVENNET_STAMP := $(SEVENNET_VENV)/.semidisc-setup
+SEVENNET_SHARED := torch|ray|pymatgen|pymatgen-core|ase|numpy|scipy|pydantic|pydantic-core|torch-sim-atomistic|pyyaml|tqdm|smact
+
+.PHONY: setup setup-sevennet demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -29,13 +37,26 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip check
 	touch $(STAMP)
 
+setup-sevennet: $(SEVENNET_STAMP)
+
+$(SEVENNET_STAMP): $(STAMP) requirements-sevennet.txt
+	test -x $(SEVENNET_VENV)/bin/python || python3 -m venv $(SEVENNET_VENV)
+	$(SEVENNET_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PY) -m pip freeze | grep -iE '^($(SEVENNET_SHARED))==' > $(SEVENNET_VENV)/constraints.txt
+	$(SEVENNET_VENV)/bin/python -m pip install -q "$$(grep -i '^torch==' $(SEVENNET_VENV)/constraints.txt)"
+	$(SEVENNET_VENV)/bin/python -m pip install -q -c $(SEVENNET_VENV)/constraints.txt -r requirements-sevennet.txt
+	$(SEVENNET_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(SEVENNET_VENV)/bin/python -m pip check | { ! grep -viE '^semidisc |^No broken'; }  # the project's own deps (mace, chgnet, ...) are not meant to be here
+	$(SEVENNET_VENV)/bin/python -c "import sevenn, materials.potentials; print('sevennet venv ready: sevenn', sevenn.__version__)"
+	touch $(SEVENNET_STAMP)
+
 demo: setup
 	$(VENV)/bin/semidisc screen configs/quickstart.yaml --resume
 
-test: setup
+test: setup setup-sevennet
 	$(PY) -m pytest -q -ra
 
-bench: setup
+bench: setup setup-sevennet
 	$(PY) benchmarks/screen_overhead.py
 	$(PY) benchmarks/perf_record.py
 	$(PY) benchmarks/stability_accuracy.py
@@ -44,6 +65,7 @@ bench: setup
 	$(PY) benchmarks/dft_magnetic.py --ecut 400 --kpoint-density 1.5
 	$(PY) benchmarks/bandgap_accuracy.py
 	$(PY) benchmarks/finetune_gain.py
+	$(PY) benchmarks/potential_comparison.py --save benchmarks/results/potential_comparison.json
 
 lint: setup
 	$(VENV)/bin/ruff check materials pipelines tests benchmarks scripts

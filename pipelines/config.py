@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from materials.dft import DFTSettings
 from materials.errors import InputError
 from materials.finetune import TrainSettings
-from materials.potentials import PotentialSpec
+from materials.potentials import ENVIRONMENTS, PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
 
@@ -86,6 +86,17 @@ class RaySettings(_Strict):
     max_in_flight_per_worker: int = Field(default=2, ge=1)
     max_retries: int = Field(default=2, ge=0)
     object_store_memory: int | None = 300_000_000
+    #: Python interpreter of each environment a potential may need (``sevennet``: SevenNet's venv); default
+    #: ``$SEMIDISC_<NAME>_PYTHON``, else ``<repo>/.venv-<name>/bin/python`` (see :mod:`pipelines.environments`).
+    environments: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("environments")
+    @classmethod
+    def _known_environments(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(ENVIRONMENTS.values()))
+        if unknown:
+            raise ValueError(f"unknown environment(s) {unknown}; known: {sorted(set(ENVIRONMENTS.values()))}")
+        return value
 
 
 class TrackingSettings(_Strict):

@@ -17,6 +17,7 @@ from materials.potentials import PotentialSpec
 from materials.relax import RelaxSettings
 from materials.structures import CheckSettings
 from pipelines.config import RaySettings
+from pipelines.environments import actor_runtime_env
 from pipelines.interrupts import install_sigterm_handler, sigterm_handler_installed
 
 
@@ -202,12 +203,18 @@ class RelaxWorker:
 
 
 def make_workers(spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings, settings: RaySettings) -> list:
-    remote_cls = ray.remote(
-        num_cpus=settings.cpus_per_worker,
-        num_gpus=settings.gpus_per_worker,
-        max_restarts=settings.max_retries,
-        max_task_retries=settings.max_retries,
-    )(RelaxWorker)
+    """``settings.num_workers`` :class:`RelaxWorker` actors for ``spec``, each in the environment the potential
+    needs (SevenNet's venv for ``sevennet``: see :mod:`pipelines.environments`)."""
+    options: dict[str, Any] = {
+        "num_cpus": settings.cpus_per_worker,
+        "num_gpus": settings.gpus_per_worker,
+        "max_restarts": settings.max_retries,
+        "max_task_retries": settings.max_retries,
+    }
+    runtime_env = actor_runtime_env(spec, settings.environments)
+    if runtime_env is not None:
+        options["runtime_env"] = runtime_env
+    remote_cls = ray.remote(**options)(RelaxWorker)
     return [remote_cls.remote(spec, relax, checks) for _ in range(settings.num_workers)]
 
 

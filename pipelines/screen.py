@@ -5,10 +5,10 @@ Results are written to ``<out>/results.sqlite`` as each chunk finishes; ``resume
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from materials.candidates import Candidate, enumerate_candidates
 from materials.errors import InputError
-from materials.potentials import PotentialSpec, load_potential, weights_hash
+from materials.potentials import PotentialSpec
 from materials.stability import (
     BELOW_HULL_WARNING,
     EnergyReferences,
@@ -31,6 +31,7 @@ from materials.stability import (
 )
 from materials.structures import load_structure_dir
 from pipelines.config import ScreenConfig
+from pipelines.environments import check_potential
 from pipelines.execution import WorkItem, chunked, init_ray, make_workers, run_chunks
 from pipelines.store import ResultStore
 from pipelines.tracking import Tracker, git_commit, redact
@@ -135,7 +136,9 @@ def _check_limit(limit: int | None) -> None:
         raise InputError(f"limit={limit!r}: give a whole number >= 1 of items to screen, or None for all")
 
 
-def resolve_references(config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str]) -> EnergyReferences:
+def resolve_references(
+    config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str], potential_hash: str
+) -> EnergyReferences:
     """The potential's elemental references under its energy convention: MP's 2023 elemental energies for
     ``mp2020`` and ``uncorrected``; for ``self``, the elemental crystals relaxed with the potential on a Ray
     worker (kept in ``reference_energies.json`` so a resumed screen computes only new elements). With
@@ -146,7 +149,7 @@ def resolve_references(config: ScreenConfig, out_dir: Path, workers: list, symbo
         refs = mp_references(convention, label)
         if not config.stability.element_offsets:
             return refs
-        shipped = shipped_element_offsets(weights_hash(config.potential))
+        shipped = shipped_element_offsets(potential_hash)
         if shipped is not None and shipped.convention == convention:
             return replace(shipped, potential=label)
         cache = out_dir / "reference_energies.json"
@@ -217,15 +220,16 @@ def _add_predicted_gaps(csv_path: Path) -> None:
     add_gap_columns(csv_path)
 
 
-def check_potential_loads(spec: PotentialSpec) -> None:
-    """Load the potential once here, in the driver and on the CPU, so that a wrong name, a missing file or
-    weights that cannot be downloaded fail at once with one message, before any Ray work starts (inside an actor
-    they would surface a minute later as a traceback or as every row failing).
+def check_potential_loads(spec: PotentialSpec, environments: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Load the potential once on the CPU (in the driver, or in its own environment for SevenNet), so that a wrong
+    name, a missing file, weights that cannot be downloaded or an environment not built fail at once with one
+    message, before any Ray work starts (inside an actor they would surface a minute later as a traceback or as
+    every row failing). Returns the potential's ``weights_hash`` and ``elements``.
 
     Raises:
         PotentialError: the potential cannot be loaded; the message says how to fix it.
     """
-    load_potential(dataclasses.replace(spec, device="cpu"))
+    return check_potential(spec, environments)
 
 
 def run_screen(
@@ -258,7 +262,7 @@ def run_screen(
     config = config.model_copy(update={"potential": potential})
     # every input is checked before anything is written: a mistake fixed and rerun meets no stale fingerprint
     items, prefailed = build_work_items(config, structures, limit)
-    check_potential_loads(config.potential)
+    potential_info = check_potential_loads(config.potential, config.ray.environments)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.sqlite")
     previous = store.get_meta("fingerprint")
@@ -294,7 +298,7 @@ def run_screen(
             {
                 "git_commit": git_commit(),
                 "potential": config.potential.label(),
-                "potential_weights_hash": weights_hash(config.potential),
+                "potential_weights_hash": potential_info["weights_hash"],
                 "energy_convention": config.potential.convention(),
                 **registry_tags,
             }
@@ -318,7 +322,7 @@ def run_screen(
             if rec["status"] == "ok" and rec["formula"]
             for el in Composition(rec["formula"]).elements
         }
-        refs = resolve_references(config, out, workers, symbols)
+        refs = resolve_references(config, out, workers, symbols, potential_info["weights_hash"])
         (out / "reference_energies.json").write_text(json.dumps(refs.as_dict(), indent=1))
         tracker.set_tags(
             {

@@ -9,7 +9,7 @@ from pipelines.config import ConfigError, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "mace-mp.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "mace-mp.yaml", "sevennet.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(ROOT / "configs" / name)
     assert config.candidates.prototypes
