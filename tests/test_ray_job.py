@@ -10,6 +10,7 @@ the config. Results and the MLflow store go to absolute paths: the "shared files
 from __future__ import annotations
 
 import csv
+import json
 import os
 import secrets
 import shutil
@@ -80,7 +81,7 @@ def stop_head(head: subprocess.Popen, temp_dir: Path) -> list[int]:
     return left
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # short private temp dir: Ray's unix socket paths must stay below ~107 characters
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjob-", dir="/tmp"))
@@ -212,3 +213,71 @@ def test_screen_runs_as_a_ray_job(ray_head, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["n_ok"] == 3
     assert runs[0].data.tags["potential"] == "chgnet-0.3.0"
+
+
+JOB_BOTH_ENVIRONMENTS = """
+import json, sys
+from ase.build import bulk
+from pymatgen.io.ase import AseAtomsAdaptor
+from pipelines.api import screen
+
+cells = {"Si": bulk("Si", "diamond", a=5.50), "GaAs": bulk("GaAs", "zincblende", a=5.60)}
+structures = [AseAtomsAdaptor.get_structure(atoms) for atoms in cells.values()]
+out = {}
+for name, potential in (("chgnet", {"name": "chgnet"}), ("sevennet", {"name": "sevennet", "model": "7net-0"})):
+    config = {
+        "name": f"both-{name}",
+        "potential": potential,
+        "relax": {"fmax": 0.05, "max_steps": 100},
+        "ray": {"num_workers": 1, "chunk_size": 2},
+        "tracking": {"uri": sys.argv[1], "experiment": "both"},
+    }
+    frame = screen(structures, config, out_dir=f"{sys.argv[2]}/{name}", ids=list(cells))
+    columns = ["status", "energy_per_atom", "e_form_per_atom"]
+    out[name] = {row["id"]: [row[c] for c in columns] for _, row in frame.iterrows()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    not (BIN.parent.parent / ".venv-sevennet" / "bin" / "python").is_file() and not os.environ.get("CI"),
+    reason="SevenNet's environment is not built: run `make setup-sevennet` (make test builds it)",
+)
+def test_one_ray_job_uses_both_environments(ray_head, tmp_path):
+    """One submitted Ray job (one driver) screens with CHGNet (actors in .venv) and SevenNet-0 (actors in
+    .venv-sevennet): both give physical energies on MP's scale for Si and GaAs."""
+    address, env = ray_head
+    working_dir = tmp_path / "job"
+    working_dir.mkdir()
+    (working_dir / "both.py").write_text(JOB_BOTH_ENVIRONMENTS)
+    runtime_env = '{"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}'
+    job = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(working_dir),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "python",
+            "both.py",
+            f"sqlite:///{tmp_path}/shared/mlflow.db",
+            str(tmp_path / "shared"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    line = next(x for x in job.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    for name in ("chgnet", "sevennet"):
+        rows = result[name]
+        assert rows["Si"][0] == rows["GaAs"][0] == "ok", name
+        assert -5.5 < rows["Si"][1] < -5.3, name  # eV/atom: both trained on MPtrj (MP: -5.425)
+        assert abs(rows["GaAs"][2] - (-0.347)) < 0.06, name  # E_form on MP's scale (MP -0.347 eV/atom)
