@@ -25,6 +25,7 @@ import csv
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -226,3 +227,18 @@ def sustainability_descriptors(composition: Composition | str) -> Sustainability
         critical_raw_materials=tuple(s for s in symbols if s in critical_raw_materials()),
         missing=missing,
     )
+
+
+def sustainability_rows(formulas: Sequence[str | None]) -> list[dict[str, Any]]:
+    """:meth:`SustainabilityDescriptors.as_row` of each formula, for tables; a missing or unreadable formula gets
+    None in every column (the table's reader reports why it is unreadable). Computed once per formula."""
+    rows: dict[str | None, dict[str, Any]] = {}
+    out = []
+    for formula in formulas:
+        if formula not in rows:
+            try:
+                rows[formula] = sustainability_descriptors(formula).as_row() if formula else {}
+            except InputError:
+                rows[formula] = {}
+        out.append({column: rows[formula].get(column) for column in SUSTAINABILITY_COLUMNS})
+    return out

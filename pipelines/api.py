@@ -26,6 +26,7 @@ import pandas as pd
 from pymatgen.core import Composition, Structure
 
 from materials.errors import InputError
+from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from pipelines.store import RESULT_COLUMNS, ResultStore
 
 if TYPE_CHECKING:
@@ -220,7 +221,10 @@ def predict_gaps(
         ``reduced_formula``, ``gap_pbe``, ``gap_pbe_std``, ``gap_expt``, ``gap_expt_std``, ``gap_expt_lo``,
         ``gap_expt_hi``, ``gap_expt_nonmetal`` (eV), ``p_metal``, ``p_metal_pbe``, ``metal_prior``, ``gap_source``
         and ``error``: missing (``frame["error"].isna()``) when predicted, else why there is no prediction (the
-        row's numbers are then NaN). A bad input does not stop the others.
+        row's numbers are then NaN). A bad input does not stop the others. Then the supply-chain columns of
+        :mod:`materials.sustainability` (``hhi_production``, ``hhi_reserve``, ``cost_per_kg``,
+        ``scarcest_element``, ``scarcest_abundance_ppm``, ``toxic_elements``, ``critical_raw_materials``;
+        ``"unknown"`` where the data lacks an element).
 
     Raises:
         BandGapError: the model file is missing or unusable.
@@ -258,7 +262,9 @@ def predict_gaps(
         "metal_prior",
         "error",
     ]
-    return pd.DataFrame(rows, columns=keys)
+    frame = pd.DataFrame(rows, columns=keys)
+    supply = pd.DataFrame(sustainability_rows([r["formula"] for r in rows]), columns=list(SUSTAINABILITY_COLUMNS))
+    return pd.concat([frame, supply], axis=1)
 
 
 def _as_config(config: ScreenConfig | Mapping[str, Any] | str | Path) -> ScreenConfig:

@@ -52,6 +52,7 @@ from materials.bandgap import (
     train_pbe_model,
 )
 from materials.errors import InputError
+from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from pipelines.config import TrackingSettings, _Strict, load_yaml_config
 from pipelines.tracking import Tracker, git_commit, redact
 
@@ -529,7 +530,8 @@ def predict_gap_csv(
     metal_prior: float | str | None = None,
 ) -> dict[str, Any]:
     """Predict gaps for every row of a CSV and write the input columns plus
-    :data:`materials.bandgap.PREDICTION_COLUMNS`, ``metal_prior`` and ``error`` (why a row has no prediction).
+    :data:`materials.bandgap.PREDICTION_COLUMNS`, ``metal_prior``, ``error`` (why a row has no prediction) and the
+    supply-chain columns :data:`materials.sustainability.SUSTAINABILITY_COLUMNS`.
     ``metal_prior`` as in :func:`materials.bandgap.predict_gaps`.
 
     One output row per input row, in order: a blank line inside the data (which ``csv.DictReader`` would drop,
@@ -580,13 +582,16 @@ def predict_gap_csv(
         elif pred["error"] is not None:
             pred["error"] = f"line {line}: {pred['error']}"
     added = [*PREDICTION_COLUMNS, "metal_prior", "error"]
+    supply = sustainability_rows(formulas)  # supply-chain columns beside the gaps (materials.sustainability)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns + [c for c in added if c not in columns])
+        writer = csv.DictWriter(
+            handle, fieldnames=columns + [c for c in [*added, *SUSTAINABILITY_COLUMNS] if c not in columns]
+        )
         writer.writeheader()
-        for row, pred in zip(rows, predictions, strict=True):
-            writer.writerow(row | {c: _cell(pred[c]) for c in added})
+        for row, pred, extra in zip(rows, predictions, supply, strict=True):
+            writer.writerow(row | {c: _cell(pred[c]) for c in added} | {c: _cell(v) for c, v in extra.items()})
     errors = [p["error"] for p in predictions if p["error"] is not None]
     return {"n_rows": len(rows), "n_ok": len(rows) - len(errors), "n_failed": len(errors), "errors": errors}
 

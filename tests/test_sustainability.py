@@ -70,3 +70,22 @@ def test_eu_list_has_its_34_materials():
     # 34 materials; feldspar maps to no element; HREE (10) and LREE (5) and PGM (6) expand
     assert len(critical_raw_materials()) == 49
     assert {"Ga", "Ge", "Si", "Sb", "In"} & critical_raw_materials() == {"Ga", "Ge", "Si", "Sb"}
+
+
+def test_predict_gap_output_carries_the_supply_chain_columns(tmp_path):
+    import csv
+
+    from pipelines.api import predict_gaps
+    from pipelines.cli import main
+
+    src = tmp_path / "in.csv"
+    src.write_text("formula\nCdTe\nNpO2\nXx2\n")
+    out = tmp_path / "out.csv"
+    assert main(["predict-gap", "--input", str(src), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[-len(SUSTAINABILITY_COLUMNS) :] == list(SUSTAINABILITY_COLUMNS)
+    assert float(rows[0]["hhi_production"]) == pytest.approx(2338.0, abs=1) and rows[0]["toxic_elements"] == "Cd"
+    assert rows[1]["hhi_production"] == UNKNOWN and rows[1]["scarcest_element"] == UNKNOWN
+    assert rows[2]["hhi_production"] == "" and rows[2]["error"]  # unreadable: no numbers, the reason given
+    frame = predict_gaps(["GaAs", "NpO2"])
+    assert frame.loc[0, "critical_raw_materials"] == "As Ga" and frame.loc[1, "cost_per_kg"] == UNKNOWN
