@@ -242,3 +242,71 @@ def sustainability_rows(formulas: Sequence[str | None]) -> list[dict[str, Any]]:
                 rows[formula] = {}
         out.append({column: rows[formula].get(column) for column in SUSTAINABILITY_COLUMNS})
     return out
+
+
+@dataclass(frozen=True)
+class SupplyConstraint:
+    """Which candidates a campaign may consider, by what their elements cost the supply chain. Known from the
+    formula alone, so it filters the pool before any evaluation.
+
+    Attributes:
+        hhi_production_max: the largest mass-weighted production HHI allowed (None: no limit). A formula whose
+            HHI is unknown (an element without data) is excluded: the limit cannot be checked.
+        exclude_elements: element symbols a candidate must not contain.
+        exclude_toxic: also exclude :data:`TOXIC_ELEMENTS`.
+    """
+
+    hhi_production_max: float | None = None
+    exclude_elements: tuple[str, ...] = ()
+    exclude_toxic: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.exclude_elements if not Element.is_valid_symbol(s)]
+        if bad:
+            raise InputError(f"exclude_elements: {bad} are not element symbols (e.g. Cd, Pb)")
+
+    @property
+    def active(self) -> bool:
+        return self.hhi_production_max is not None or bool(self.exclude_elements) or self.exclude_toxic
+
+    def violation(self, formula: str) -> str | None:
+        """Why ``formula`` is excluded (one line naming the rule and the elements), or None if it is allowed."""
+        try:
+            d = sustainability_descriptors(formula)
+        except InputError as exc:
+            return str(exc)
+        symbols = {el.symbol for el in Composition(formula).elements}
+        banned = sorted(symbols & set(self.exclude_elements))
+        if banned:
+            return f"contains excluded element(s) {' '.join(banned)} (exclude_elements)"
+        if self.exclude_toxic and d.toxic_elements:
+            return f"contains toxic element(s) {' '.join(d.toxic_elements)} (exclude_toxic)"
+        if self.hhi_production_max is not None:
+            if d.hhi_production is None:
+                return (
+                    f"production HHI unknown (no data for {' '.join(d.missing['hhi'])}): hhi_production_max unchecked"
+                )
+            if d.hhi_production > self.hhi_production_max:
+                return f"production HHI {d.hhi_production:.0f} > hhi_production_max {self.hhi_production_max:.0f}"
+        return None
+
+
+def median_hhi_production(formulas: Sequence[str]) -> float:
+    """The median production HHI over ``formulas`` (those with data), e.g. a pool's, for "below the pool median".
+
+    Raises:
+        InputError: no formula has a known HHI.
+    """
+    values = []
+    for formula in formulas:
+        try:
+            value = sustainability_descriptors(formula).hhi_production
+        except InputError:
+            continue
+        if value is not None:
+            values.append(value)
+    if not values:
+        raise InputError("no formula of the pool has a known production HHI: give hhi_production_max as a number")
+    values.sort()
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])

@@ -37,8 +37,9 @@ from materials.optimize import (
     method_targets,
     propose_batch,
 )
+from materials.sustainability import SupplyConstraint, median_hhi_production
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
-from pipelines.config import CampaignConfig
+from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
 
 
@@ -214,6 +215,10 @@ def campaign_fingerprint(config: CampaignConfig) -> str:
     for section, key, default in added_later:
         if science.get(section, {}).get(key) == default:
             science[section].pop(key)
+    if science.get("constraints") == ConstraintSettings().model_dump(mode="json"):
+        science.pop("constraints")
+    if science.get("preset") is None:
+        science.pop("preset", None)
     if config.oracle.kind != "dft" and science.get("dft", {}).get("spinpol") is None:
         # the automatic spin rule (default since magnetism came in) matters to the DFT oracle only
         science["dft"]["spinpol"] = False
@@ -237,8 +242,38 @@ class CampaignSummary:
     finetunes: list[dict[str, Any]] = field(default_factory=list)
 
 
+def apply_constraints(pool: Pool, settings: ConstraintSettings) -> Pool:
+    """The pool without the candidates ``settings`` excludes (:class:`materials.sustainability.SupplyConstraint`);
+    each excluded one moves to ``pool.skipped`` with the rule it breaks. ``hhi_production_max: median`` is the
+    median over the pool as given."""
+    limit = settings.hhi_production_max
+    if limit == "median":
+        limit = median_hhi_production(pool.formulas)
+    constraint = SupplyConstraint(limit, tuple(settings.exclude_elements), settings.exclude_toxic)
+    if not constraint.active:
+        return pool
+    reasons = [constraint.violation(f) for f in pool.formulas]
+    keep = [i for i, reason in enumerate(reasons) if reason is None]
+    skipped = [
+        {"id": pool.ids[i], "formula": pool.formulas[i], "reason": f"constraints: {reason}"}
+        for i, reason in enumerate(reasons)
+        if reason is not None
+    ]
+    if not keep:
+        raise CampaignError(f"constraints exclude every candidate of the pool (first: {skipped[0]['reason']})")
+    return Pool(
+        ids=[pool.ids[i] for i in keep],
+        formulas=[pool.formulas[i] for i in keep],
+        features=pool.features[keep],
+        feature_names=pool.feature_names,
+        rows=[pool.rows[i] for i in keep],
+        skipped=pool.skipped + skipped,
+    )
+
+
 def build_pool_and_oracle(config: CampaignConfig, out: Path):
-    """The pool (CSV or a screened generated pool) and the oracle that labels it."""
+    """The pool (CSV or a screened generated pool, less what ``constraints`` excludes) and the oracle that labels
+    it."""
     o = config.objective
     columns = [o.target] + ([o.stable] if o.stable else [])
     if config.pool.csv:
@@ -253,6 +288,7 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
             config.pool.features,
             config.pool.oxidation,
         )
+        pool = apply_constraints(pool, config.constraints)
         if config.oracle.kind == "mlip":
             raise CampaignError("oracle.kind: mlip labels a generated pool; with pool.csv use oracle.kind: table")
         label_rows = pool.rows
@@ -269,6 +305,7 @@ def build_pool_and_oracle(config: CampaignConfig, out: Path):
     pool = pool_from_rows(
         rows, "formula", "id", str(summary.out_dir / "results.csv"), config.pool.features, config.pool.oxidation
     )
+    pool = apply_constraints(pool, config.constraints)
     if config.oracle.kind == "table":
         label_rows = _labels_by_formula(read_csv_rows(config.oracle.csv), config.pool.formula_column, pool)
         return pool, RowOracle("table", label_rows, columns)

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pymatgen.core import Element
 
 from materials.dft import DFTSettings
 from materials.errors import InputError
@@ -305,6 +306,37 @@ class ObjectiveSettings(_Strict):
         return self
 
 
+class ConstraintSettings(_Strict):
+    """Supply-chain limits on the pool (:class:`materials.sustainability.SupplyConstraint`): candidates that break
+    one are left out before any evaluation and listed, with the rule, in ``skipped_pool_rows.json``."""
+
+    hhi_production_max: float | Literal["median"] | None = Field(
+        default=None, description="largest production HHI (0-10,000), or 'median' of the pool; unknown HHI excluded"
+    )
+    exclude_elements: list[str] = Field(default_factory=list)
+    exclude_toxic: bool = False
+
+    @field_validator("exclude_elements")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if not Element.is_valid_symbol(s)]
+        if bad:
+            raise ValueError(f"{bad} are not element symbols (e.g. Cd, Pb)")
+        return value
+
+
+#: Campaign presets: what ``preset: NAME`` fills in where the config is silent (the objective's column names stay the
+#: pool's: give ``objective.target`` and ``objective.stable``).
+CAMPAIGN_PRESETS: dict[str, dict[str, Any]] = {
+    # single-junction PV absorber (gap window of materials.optimize.photovoltaic), stable, supply risk below the
+    # pool's median, no Cd or Pb
+    "sustainable_absorber": {
+        "objective": {"low": 1.1, "high": 1.8, "stable_max": 0.05},
+        "constraints": {"hhi_production_max": "median", "exclude_elements": ["Cd", "Pb"]},
+    },
+}
+
+
 class OptimizerSettings(_Strict):
     method: Literal["bo", "bo-hit", "greedy", "random"] = "bo"
     batch_size: int = Field(default=5, ge=1)
@@ -393,6 +425,22 @@ class CampaignConfig(_Strict):
         default=None, ge=0, description="fine-tune MACE on the gathered DFT every K BO iterations (0/null: off)"
     )
     finetune: CampaignFinetuneSettings = Field(default_factory=CampaignFinetuneSettings)
+    constraints: ConstraintSettings = Field(default_factory=ConstraintSettings)
+    preset: Literal["sustainable_absorber"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        preset = CAMPAIGN_PRESETS.get(data["preset"])
+        if preset is None:
+            return data  # the Literal field names the allowed presets
+        data = dict(data)
+        for section, values in preset.items():
+            given = dict(data.get(section) or {})
+            data[section] = {**values, **given}  # what the config says wins
+        return data
 
     @model_validator(mode="after")
     def _finetune_needs_dft(self) -> CampaignConfig:

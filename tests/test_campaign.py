@@ -279,3 +279,42 @@ def test_bo_benchmark_names_every_skipped_row_and_why(tmp_path, capsys):
         ("inf-label", 63),
     ]
     assert [s["id"] for s in load_labelled_pool(path, "formula", ["gap pbe"], "sites").skipped][:1] == ["row60"]
+
+
+def test_sustainable_absorber_preset_filters_the_pool_by_supply_risk(pool_csv, tmp_path):
+    """preset sustainable_absorber: PV window, stable, production HHI at most the pool's median, no Cd/Pb; every
+    excluded row is listed with the rule it breaks, and the constraint leaves the plain fingerprint alone."""
+    from materials.sustainability import median_hhi_production, sustainability_descriptors
+    from pipelines.campaign import apply_constraints, campaign_fingerprint, pool_from_rows, read_csv_rows
+
+    config = parse_campaign_config(
+        {
+            "preset": "sustainable_absorber",
+            "pool": {"csv": str(pool_csv)},
+            "objective": {"target": "gap pbe", "stable": "e_hull"},
+        }
+    )
+    assert (config.objective.low, config.objective.high, config.objective.stable_max) == (1.1, 1.8, 0.05)
+    pool = pool_from_rows(read_csv_rows(pool_csv), "formula", None, str(pool_csv), "composition")
+    median = median_hhi_production(pool.formulas)
+    kept = apply_constraints(pool, config.constraints)
+    assert 0.35 * len(pool.ids) < len(kept.ids) <= 0.5 * len(pool.ids) + 1
+    for formula in kept.formulas:
+        d = sustainability_descriptors(formula)
+        assert d.hhi_production <= median and not {"Cd", "Pb"} & set(formula_elements(formula))
+    reasons = {r["formula"]: r["reason"] for r in kept.skipped}
+    assert len(reasons) >= len(pool.ids) - len(kept.ids)
+    assert any("hhi_production_max" in r for r in reasons.values())
+    assert all(r.startswith("constraints: ") for f, r in reasons.items() if f in pool.formulas)
+    assert kept.features.shape == (len(kept.ids), pool.features.shape[1])
+    plain = config_for(pool_csv, tmp_path)
+    constrained = plain.model_copy(update={"constraints": config.constraints})
+    assert campaign_fingerprint(plain) != campaign_fingerprint(constrained)
+    with pytest.raises(ConfigError, match="exclude_elements"):
+        parse_campaign_config({"objective": {"target": "g"}, "constraints": {"exclude_elements": ["Xq"]}})
+
+
+def formula_elements(formula: str) -> list[str]:
+    from pymatgen.core import Composition
+
+    return [el.symbol for el in Composition(formula).elements]
