@@ -329,6 +329,10 @@ class AcquisitionSettings:
         forest_trees, forest_max_features: trees per forest and the fraction of features each split considers.
         forest_min_std: added to the spread over trees (margin units), so that a candidate on which every tree
             agrees still has some uncertainty.
+        known_objectives: ``"bo-pareto"`` only: pool feature columns whose values are further objectives to
+            minimise, known for every candidate before it is evaluated (the production HHI of
+            :mod:`materials.sustainability`); each becomes one more axis of the hypervolume, modelled by a GP fitted
+            to its known values at the training and shortlisted candidates (so it is exact where it is scored).
     """
 
     kernel: Literal["rbf", "matern"] = "matern"
@@ -344,6 +348,7 @@ class AcquisitionSettings:
     forest_trees: int = 100
     forest_max_features: float = 0.3
     forest_min_std: float = 0.05
+    known_objectives: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.surrogate not in ("gp", "forest"):
@@ -365,6 +370,12 @@ class AcquisitionSettings:
                 f"categorical_columns must be distinct non-negative column indices; got {self.categorical_columns}."
             )
         object.__setattr__(self, "categorical_columns", tuple(int(c) for c in columns))
+        known = tuple(self.known_objectives)
+        if any(not isinstance(c, int | np.integer) or c < 0 for c in known) or len(set(known)) != len(known):
+            raise OptimizationError(
+                f"known_objectives must be distinct non-negative column indices; got {self.known_objectives}."
+            )
+        object.__setattr__(self, "known_objectives", tuple(int(c) for c in known))
         if self.margin_clip is not None and not self.margin_clip > 0:
             raise OptimizationError(f"margin_clip must be positive or None; got {self.margin_clip}.")
         if self.mc_samples < 1 or (self.prefilter is not None and self.prefilter < 1) or self.max_batch_size < 1:
@@ -657,7 +668,12 @@ def propose_batch(
     categorical = tuple(int(position[c]) for c in settings.categorical_columns if keep[c])
     if categorical and len(categorical) == int(keep.sum()):
         categorical = ()  # nothing continuous left: treat the codes as plain numbers
-    settings = replace(settings, categorical_columns=categorical)
+    bad = [c for c in settings.known_objectives if c >= X.shape[1]]
+    if bad:
+        raise OptimizationError(f"known_objectives {bad} are past the pool's {X.shape[1]} feature columns.")
+    # a known objective constant over the pool cannot change the hypervolume ranking: dropped with its column
+    known = tuple(int(position[c]) for c in settings.known_objectives if keep[c])
+    settings = replace(settings, categorical_columns=categorical, known_objectives=known)
     Xt = torch.as_tensor(X[:, keep], dtype=_DTYPE)
     bounds = torch.stack([Xt.min(dim=0).values, Xt.max(dim=0).values])
     X_train = Xt[evaluated_idx]
@@ -827,25 +843,33 @@ def _propose_pareto(
     seed: int,
     settings: AcquisitionSettings,
 ) -> Proposal:
-    """qLogNEHVI on (-stability, -distance) (BoTorch maximises).
+    """qLogNEHVI on (-stability, -distance[, -known objective ...]) (BoTorch maximises).
 
     Reference point: per objective, the worst observed (negated) value minus 10 % of the observed range (or
-    minus 1e-3 when all observations are equal), so every observed point contributes hypervolume.
+    minus 1e-3 when all observations are equal), so every observed point contributes hypervolume. Known objectives
+    (``settings.known_objectives``, feature columns) enter the shortlist with their exact values and the
+    acquisition through a GP fitted to those values at the training and shortlisted candidates.
     """
     neg = -Y
     models = [fit_gp(X_train, neg[:, j : j + 1], bounds, **_gp_options(settings)) for j in range(neg.shape[1])]
     info: dict[str, float] = {}
     for name, m in zip(("stable_", "distance_"), models, strict=True):
         info.update(gp_info(m, name))
-    model = ModelListGP(*models)
-    span = neg.max(dim=0).values - neg.min(dim=0).values
-    ref_point = neg.min(dim=0).values - torch.where(span > 0, 0.1 * span, torch.full_like(span, 1e-3))
     ucbs = []
     for m in models:
         mean, std = _mean_std(m, X_avail)
         ucbs.append(mean + settings.ucb_beta * std)
+    ucbs.extend(-X_avail[:, c].numpy() for c in settings.known_objectives)
     shortlist = _shortlist(ucbs, settings.prefilter)
     choices = X_avail[shortlist]
+    for k, c in enumerate(settings.known_objectives):
+        X_known = torch.cat([X_train, choices])
+        models.append(fit_gp(X_known, -X_known[:, c : c + 1], bounds, **_gp_options(settings)))
+        info.update(gp_info(models[-1], f"known{k}_"))
+        neg = torch.cat([neg, -X_train[:, c : c + 1]], dim=1)
+    model = ModelListGP(*models)
+    span = neg.max(dim=0).values - neg.min(dim=0).values
+    ref_point = neg.min(dim=0).values - torch.where(span > 0, 0.1 * span, torch.full_like(span, 1e-3))
     acq = qLogNoisyExpectedHypervolumeImprovement(
         model=model,
         ref_point=ref_point,

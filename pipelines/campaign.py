@@ -19,7 +19,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from materials.optimize import (
     method_targets,
     propose_batch,
 )
-from materials.sustainability import SupplyConstraint, median_hhi_production
+from materials.sustainability import SupplyConstraint, median_hhi_production, sustainability_descriptors
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
@@ -211,6 +211,7 @@ def campaign_fingerprint(config: CampaignConfig) -> str:
         ("dft", "magnetic_order", "lowest"),
         ("dft", "hubbard_u", "mp"),
         ("dft", "mp2020", True),
+        ("objective", "supply_axis", False),
     )
     for section, key, default in added_later:
         if science.get(section, {}).get(key) == default:
@@ -268,6 +269,18 @@ def apply_constraints(pool: Pool, settings: ConstraintSettings) -> Pool:
         feature_names=pool.feature_names,
         rows=[pool.rows[i] for i in keep],
         skipped=pool.skipped + skipped,
+    )
+
+
+def with_supply_risk_column(pool: Pool) -> Pool:
+    """The pool with one more feature column, ``hhi_production`` (0-10,000, :mod:`materials.sustainability`), the
+    third Pareto axis of ``objective.supply_axis``. A formula whose HHI is unknown gets 10,000, the most
+    concentrated supply possible: unknown risk is not rewarded (``constraints.hhi_production_max`` excludes such
+    rows instead)."""
+    hhi = [sustainability_descriptors(f).hhi_production for f in pool.formulas]
+    column = np.array([10_000.0 if v is None else v for v in hhi])[:, None]
+    return replace(
+        pool, features=np.hstack([pool.features, column]), feature_names=[*pool.feature_names, "hhi_production"]
     )
 
 
@@ -461,6 +474,12 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
             return sum(1 for i in order if done[i]["hit"])
 
         method = "bo-pareto" if (opt.method == "bo" and mode == "pareto") else opt.method
+        acquisition = AcquisitionSettings(
+            categorical_columns=tuple(site_element_columns(pool.feature_names)), surrogate=opt.surrogate
+        )
+        if config.objective.supply_axis:
+            pool = with_supply_risk_column(pool)
+            acquisition = replace(acquisition, known_objectives=(pool.features.shape[1] - 1,))
         while len(order) < opt.budget and (opt.target_hits is None or n_hits() < opt.target_hits):
             ok_idx = [i for i in order if done[i]["status"] == "ok"]
             failed_idx = [i for i in order if done[i]["status"] != "ok"]
@@ -482,9 +501,7 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
                 method=method,
                 seed=config.seed * 100_003 + iteration,
                 objective=objective,
-                settings=AcquisitionSettings(
-                    categorical_columns=tuple(site_element_columns(pool.feature_names)), surrogate=opt.surrogate
-                ),
+                settings=acquisition,
             )
             prop = proposal.as_dict()
             store.add_iteration(iteration, method, prop)

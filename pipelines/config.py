@@ -283,7 +283,8 @@ class ObjectiveSettings(_Strict):
     """A target window on one label, optionally gated by a stability label (``stable`` <= ``stable_max``).
 
     ``mode: scalar`` optimises one desirability (0 for a hit); ``pareto`` optimises the stability label and
-    the distance to the window as two objectives (qLogNEHVI).
+    the distance to the window as two objectives (qLogNEHVI), and with ``supply_axis`` the production HHI of the
+    formula as a third (known before evaluation: :mod:`materials.sustainability`).
     """
 
     target: str
@@ -294,6 +295,10 @@ class ObjectiveSettings(_Strict):
     target_scale: float = Field(default=1.0, gt=0)
     stable_scale: float = Field(default=0.1, gt=0)
     mode: Literal["scalar", "pareto"] = "scalar"
+    supply_axis: bool = Field(
+        default=False,
+        description="pareto mode: the production HHI (known from the formula) as a third objective to minimise",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ObjectiveSettings:
@@ -303,6 +308,8 @@ class ObjectiveSettings(_Strict):
             raise ValueError("objective.stable and objective.stable_max go together: give both or neither")
         if self.mode == "pareto" and self.stable is None:
             raise ValueError("objective.mode: pareto needs a stability label (objective.stable)")
+        if self.supply_axis and self.mode != "pareto":
+            raise ValueError("objective.supply_axis: true is a third Pareto axis: set objective.mode: pareto")
         return self
 
 

@@ -211,6 +211,7 @@ def test_forest_surrogate_campaign_with_oxidation_features(pool_csv, tmp_path):
     for key in ("magnetic_order", "hubbard_u", "mp2020"):  # DFT settings added with magnetism and +U
         del science["dft"][key]
     science["dft"]["spinpol"] = False  # the default before the automatic spin rule
+    del science["objective"]["supply_axis"], science["constraints"], science["preset"]  # added with sustainability
     before = hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:16]
     assert campaign_fingerprint(plain) == before != campaign_fingerprint(config)
 
@@ -318,3 +319,21 @@ def formula_elements(formula: str) -> list[str]:
     from pymatgen.core import Composition
 
     return [el.symbol for el in Composition(formula).elements]
+
+
+def test_pareto_campaign_with_the_supply_axis(pool_csv, tmp_path):
+    """objective.supply_axis: the production HHI is a third qLogNEHVI objective, known from the formula."""
+    with pytest.raises(ConfigError, match="supply_axis"):
+        parse_campaign_config({"objective": {"target": "g", "supply_axis": True}})
+    config = config_for(pool_csv, tmp_path, budget=14)
+    config.objective.mode = "pareto"
+    config.objective.supply_axis = True
+    summary = run_campaign(config, out_dir=tmp_path / "supply")
+    assert summary.n_evaluated == 14
+    proposals = [
+        p for _, kind, p in CampaignStore(tmp_path / "supply" / "campaign.sqlite").iterations() if kind == "bo-pareto"
+    ]
+    assert len(proposals) == 2
+    for p in proposals:  # three axes: stability, distance, and the known HHI (its reference point too)
+        assert "known0_noise" in p["model_info"] or any(k.startswith("known0_") for k in p["model_info"])
+        assert "ref_point_2" in p["model_info"]

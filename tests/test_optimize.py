@@ -391,3 +391,23 @@ def test_forest_surrogate_finds_the_hit_element_and_is_seeded():
         AcquisitionSettings(surrogate="svm")
     with pytest.raises(OptimizationError, match="forest settings"):
         AcquisitionSettings(surrogate="forest", forest_max_features=0.0)
+
+
+def test_known_objective_is_a_third_pareto_axis():
+    """Twins with the same features and labels but a low or a high known cost (e.g. production HHI): with the cost
+    as a known objective, qLogNEHVI proposes the cheap twins; without it, it cannot tell them apart."""
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(0, 1, 40)
+    cost = np.concatenate([np.full(40, 1000.0), np.full(40, 6000.0)])
+    X = np.column_stack([np.concatenate([x0, x0]), cost])
+    stability, distance = (np.concatenate([v, v]) for v in ((x0 - 0.3) ** 2, np.abs(x0 - 0.7)))
+    y_all = np.column_stack([stability, distance])
+    evaluated = list(range(0, 80, 8))
+    base = AcquisitionSettings(prefilter=None, mc_samples=64)
+    known = propose_batch(
+        X, evaluated, y_all[evaluated], 6, "bo-pareto", 0, settings=replace(base, known_objectives=(1,))
+    )
+    assert any(k.startswith("known0_") for k in known.model_info)  # the third axis reached the acquisition
+    assert sum(cost[i] == 1000.0 for i in known.indices) >= 5
+    with pytest.raises(OptimizationError, match="known_objectives"):
+        propose_batch(X, evaluated, y_all[evaluated], 2, "bo-pareto", 0, settings=replace(base, known_objectives=(5,)))
