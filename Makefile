@@ -61,6 +61,7 @@ bench: setup setup-sevennet
 	$(PY) benchmarks/perf_record.py
 	$(PY) benchmarks/stability_accuracy.py
 	$(PY) benchmarks/bo_perovskites.py
+	$(PY) benchmarks/bo_sustainable.py --save benchmarks/results/bo_sustainable.json
 	$(PY) benchmarks/dft_gaps.py
 	$(PY) benchmarks/dft_magnetic.py --ecut 400 --kpoint-density 1.5
 	$(PY) benchmarks/bandgap_accuracy.py
