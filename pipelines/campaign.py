@@ -37,7 +37,13 @@ from materials.optimize import (
     method_targets,
     propose_batch,
 )
-from materials.sustainability import SupplyConstraint, median_hhi_production, sustainability_descriptors
+from materials.sustainability import (
+    SUSTAINABILITY_COLUMNS,
+    SupplyConstraint,
+    median_hhi_production,
+    sustainability_descriptors,
+    sustainability_rows,
+)
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
@@ -649,12 +655,26 @@ def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> Non
 
 
 def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], columns: Sequence[str]) -> None:
+    """evaluations.csv: one row per evaluation in order, the oracle's labels, objective and hit, then the formula's
+    supply-chain columns (:data:`materials.sustainability.SUSTAINABILITY_COLUMNS`)."""
+    supply = sustainability_rows([done[i]["formula"] for i in order])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["order", "iteration", "id", "formula", "status", "failure_reason", *columns, "objective", "hit"]
+            [
+                "order",
+                "iteration",
+                "id",
+                "formula",
+                "status",
+                "failure_reason",
+                *columns,
+                "objective",
+                "hit",
+                *SUSTAINABILITY_COLUMNS,
+            ]
         )
-        for n, i in enumerate(order, 1):
+        for n, (i, extra) in enumerate(zip(order, supply, strict=True), 1):
             rec = done[i]
             objective = "" if rec["objective"] is None else rec["objective"]
             writer.writerow(
@@ -668,5 +688,6 @@ def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], c
                     *(rec["labels"].get(c, "") for c in columns),
                     objective,
                     int(rec["hit"]),
+                    *("" if v is None else v for v in extra.values()),
                 ]
             )

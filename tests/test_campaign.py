@@ -337,3 +337,5 @@ def test_pareto_campaign_with_the_supply_axis(pool_csv, tmp_path):
     for p in proposals:  # three axes: stability, distance, and the known HHI (its reference point too)
         assert "known0_noise" in p["model_info"] or any(k.startswith("known0_") for k in p["model_info"])
         assert "ref_point_2" in p["model_info"]
+    rows = read_evaluations(tmp_path / "supply")  # the supply-chain columns follow each evaluation
+    assert all(float(r["hhi_production"]) > 0 and r["scarcest_element"] for r in rows)
