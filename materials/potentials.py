@@ -161,7 +161,7 @@ def _chgnet_weights_path(spec: PotentialSpec) -> Path:
     return files[0]
 
 
-def _sevennet_checkpoint_path(spec: PotentialSpec) -> Path:
+def sevennet_checkpoint_path(spec: PotentialSpec) -> Path:
     """The checkpoint file of a SevenNet spec (needs the SevenNet environment for a bundled name)."""
     model = spec.model or "7net-0"
     if Path(model).expanduser().is_file():
@@ -179,7 +179,7 @@ def weights_hash(spec: PotentialSpec) -> str:
     if spec.name == "chgnet":
         return file_sha256(_chgnet_weights_path(spec))[:16]
     if spec.name == "sevennet":
-        return file_sha256(_sevennet_checkpoint_path(spec))[:16]
+        return file_sha256(sevennet_checkpoint_path(spec))[:16]
     path = Path(spec.model) if spec.model else None
     if path is not None and path.is_file():
         return file_sha256(path)[:16]

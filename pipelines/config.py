@@ -129,9 +129,9 @@ class ScreenConfig(_Strict):
 
     @model_validator(mode="after")
     def _batched_needs_torch_model(self) -> ScreenConfig:
-        if self.relax.batched and self.potential.name not in ("chgnet", "mace"):
+        if self.relax.batched and self.potential.name not in ("chgnet", "mace", "sevennet"):
             raise ValueError(
-                f"relax.batched: true needs potential.name chgnet or mace (got {self.potential.name!r}); "
+                f"relax.batched: true needs potential.name chgnet, mace or sevennet (got {self.potential.name!r}); "
                 "set relax.batched: false"
             )
         if self.relax.batched and self.relax.batch_max_atoms is None and not self.potential.device.startswith("cuda"):
