@@ -1,7 +1,9 @@
 """Where CHGNet's batched relaxation spends its time: cProfile of ``relax_throughput.measure`` (512 cells, 5 FIRE
 steps, plus the warm-up calls), printed for the batched model's forward, its energy/forces/stress part and
 CHGNet's graph batching, then the top functions by own time. Run on a GPU machine the way ``gpu_check.sh`` runs
-(result on an H200: ``benchmarks/results/chgnet_batched_profile_h200.txt``).
+(result on an H200: ``benchmarks/results/chgnet_batched_profile_h200.txt``, measured before issue 18, when the batched
+model built CHGNet's graphs on the CPU and used ``BatchedGraph.from_graphs``; since then ``profile_batched.py``
+gives torch.profiler summaries of every batched model, and gpu_check.sh saves them).
 
     OMP_NUM_THREADS=1 python benchmarks/profile_chgnet_batched.py [cuda|cpu]
 """

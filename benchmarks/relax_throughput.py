@@ -1,10 +1,18 @@
 """Batched (torch-sim) relaxation vs the ASE loop: same model, same cells, same settings, one process.
 
 Cells: ``--cells`` small periodic cells (1-8 atoms), strained (±4 %) and rattled (0.03 Å) with a fixed seed;
-semiconductors (Si, GaAs, ZnS, MgO, GaN, ...) for CHGNet, Cu/Al/Ni for the tiny committed MACE model (its only
-elements). The ASE loop relaxes the first ``--ase-cells`` of them (default: all), the batched path all of them;
-throughput is compared per atom·FIRE-step, so the two sets may differ in size (on a GPU the batch should be
-large; the ASE loop's rate does not depend on how many cells it does).
+semiconductors (Si, GaAs, ZnS, MgO, GaN, ...) for CHGNet and ``mace-medium``, Cu/Al/Ni for the tiny committed MACE
+model (its only elements). The ASE loop relaxes the first ``--ase-cells`` of them (default: all), the batched path
+all of them; throughput is compared per atom·FIRE-step, so the two sets may differ in size (on a GPU the batch
+should be large; the ASE loop's rate does not depend on how many cells it does).
+
+Potentials: ``chgnet`` (pretrained, in its wheel), ``mace`` (the tiny committed model, tests/data/tiny_mace.model)
+and ``mace-medium``: MACE-MP "medium"'s architecture with seeded random weights, built in code (throughput does
+not depend on the weights): ScaleShiftMACE, 128x0e+128x1o hidden irreps (max_L 1), correlation 3, 2 interactions,
+r_max 6 Å, 8 Bessel functions, polynomial cutoff 5, spherical harmonics to l=3, radial MLP [64, 64, 64], readout
+MLP 16x0e, 89 elements (Z 1-89), residual first interaction: 4.69 M parameters, as MACE-MP-0 medium; float32 or
+float64 (``--dtype``). At mace-torch's initialisation its forces are ~1e-3 eV/Å, so the cells stay near their
+(real) starting geometry and keep real neighbour counts (~30-60 per atom within 6 Å).
 
 Timed: the relaxations only (model loaded, and one warm-up relaxation of one cell done, before the clock).
 Both paths relax to ``--fmax`` with at most ``--max-steps`` FIRE steps; ``--fixed-steps N`` instead runs exactly N
@@ -85,7 +93,86 @@ def potential_spec(potential: str, device: str, dtype: str):
 
     if potential == "mace":
         return PotentialSpec(name="mace", model=str(TINY_MACE), device=device, dtype=dtype)
+    if potential == "mace-medium":
+        return PotentialSpec(name="mace", device=device, dtype=dtype)  # the model itself: medium_mace()
     return PotentialSpec(name="chgnet", device=device)
+
+
+#: MACE-MP "medium" hyper-parameters (mace-torch's MACE-MP-0 medium training options).
+MEDIUM = {
+    "r_max": 6.0,
+    "num_bessel": 8,
+    "num_polynomial_cutoff": 5,
+    "max_ell": 3,
+    "num_interactions": 2,
+    "hidden_irreps": "128x0e+128x1o",
+    "MLP_irreps": "16x0e",
+    "correlation": 3,
+    "radial_MLP": [64, 64, 64],
+    "avg_num_neighbors": 61.96,
+}
+
+
+def medium_mace(dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
+    """A ScaleShiftMACE with MACE-MP medium's architecture (:data:`MEDIUM`, 89 elements, 4.69 M parameters) and
+    seeded random weights (mace-torch's initialisation; random elemental energies)."""
+    from materials.potentials import mace_unpickling
+
+    with mace_unpickling():  # importing mace sets a process-wide variable; restored after the block
+        from e3nn import o3
+        from mace import modules
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if dtype == "float64" else torch.float32)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = modules.ScaleShiftMACE(
+            r_max=MEDIUM["r_max"],
+            num_bessel=MEDIUM["num_bessel"],
+            num_polynomial_cutoff=MEDIUM["num_polynomial_cutoff"],
+            max_ell=MEDIUM["max_ell"],
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            num_interactions=MEDIUM["num_interactions"],
+            num_elements=89,
+            hidden_irreps=o3.Irreps(MEDIUM["hidden_irreps"]),
+            MLP_irreps=o3.Irreps(MEDIUM["MLP_irreps"]),
+            atomic_energies=rng.uniform(-8.0, -1.0, size=89),
+            avg_num_neighbors=MEDIUM["avg_num_neighbors"],
+            atomic_numbers=list(range(1, 90)),
+            correlation=MEDIUM["correlation"],
+            gate=torch.nn.functional.silu,
+            radial_MLP=MEDIUM["radial_MLP"],
+            use_reduced_cg=False,  # MACE-MP's models predate the reduced Clebsch-Gordan basis
+            atomic_inter_scale=1.0,
+            atomic_inter_shift=0.0,
+        )
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def load_models(potential: str, device: str, dtype: str, chgnet_graphs: str = "device"):
+    """(label, ASE calculator, torch-sim model) sharing one set of weights; ``chgnet_graphs``: where the batched
+    CHGNet model builds its graphs (``device`` or ``cpu``, CHGNet's own converter)."""
+    from materials.batched import CHGNetModel, batched_model
+    from materials.potentials import load_potential
+
+    spec = potential_spec(potential, device, dtype)
+    if potential == "mace-medium":
+        from mace.calculators import MACECalculator
+
+        from materials.potentials import mace_unpickling
+
+        with mace_unpickling():
+            calculator = MACECalculator(models=medium_mace(dtype), device=device, default_dtype=dtype)
+        label = f"mace-medium-random-{sum(p.numel() for p in calculator.models[0].parameters()) / 1e6:.2f}M"
+    else:
+        calculator = load_potential(spec)
+        label = spec.label()
+    if potential == "chgnet" and chgnet_graphs != "device":
+        return f"{label} (graphs on {chgnet_graphs})", calculator, CHGNetModel(calculator.model, device, graphs="cpu")
+    return label, calculator, batched_model(spec, calculator)
 
 
 def _sync(device: str) -> None:
@@ -103,15 +190,15 @@ def measure(
     fixed_steps: int | None = None,
     batch_max_atoms: int | None = 512,
     dtype: str = "float64",
+    chgnet_graphs: str = "device",
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Run both paths and return rates and the agreement of their energies (see the module docstring)."""
-    from materials.batched import BatchLog, batched_model, relax_structures_batched
-    from materials.potentials import load_potential
+    """Run both paths and return rates and the agreement of their energies (see the module docstring); with
+    ``workers``, also the fractional-GPU row (:func:`measure_fractional`) over the same cells."""
+    from materials.batched import BatchLog, relax_structures_batched
     from materials.relax import RelaxSettings, relax_structure
 
-    spec = potential_spec(potential, device, dtype)
-    calculator = load_potential(spec)
-    model = batched_model(spec, calculator)
+    label, calculator, model = load_models(potential, device, dtype, chgnet_graphs)
     if fixed_steps is not None:
         fmax, max_steps = 0.0, fixed_steps
     settings = RelaxSettings(fmax=fmax, max_steps=max_steps, batch_max_atoms=batch_max_atoms)
@@ -137,6 +224,18 @@ def measure(
     def atom_steps(results) -> int:
         return sum(r.n_atoms * r.steps for r in results)
 
+    fractional = None
+    if workers:
+        fractional = measure_fractional(
+            potential, device, dtype, workers, n_cells, fmax, max_steps, batch_max_atoms, chgnet_graphs
+        )
+        fractional["speedup_vs_single_process_batched"] = round(
+            fractional["atom_steps_per_s"] / (atom_steps(batched_results) / batched_seconds), 2
+        )
+        fractional["speedup_vs_ase_loop"] = round(
+            fractional["atom_steps_per_s"] / (atom_steps(ase_results) / ase_seconds), 2
+        )
+
     ase_rate = atom_steps(ase_results) / ase_seconds
     batched_rate = atom_steps(batched_results) / batched_seconds
     de = [
@@ -144,10 +243,10 @@ def measure(
         for a, b in zip(ase_results, batched_results, strict=False)
         if math.isfinite(a.energy_per_atom) and math.isfinite(b.energy_per_atom)
     ]
-    return {
-        "potential": spec.label(),
+    out = {
+        "potential": label,
         "device": device,
-        "dtype": dtype if potential == "mace" else "float32 (CHGNet)",
+        "dtype": "float32 (CHGNet)" if potential == "chgnet" else dtype,
         "relax": {"fmax": fmax, "max_steps": max_steps, "fixed_steps": fixed_steps, "batch_max_atoms": batch_max_atoms},
         "ase_loop": {
             "cells": len(ase_cells),
@@ -168,6 +267,8 @@ def measure(
             "n_ok": sum(r.status == "ok" for r in batched_results),
             "model_calls": log.n_calls,
             "max_atoms_per_call": log.max_atoms,
+            "records_seconds": round(log.records_seconds, 3),
+            "loop_atom_steps_per_s": round(atom_steps(batched_results) / (batched_seconds - log.records_seconds), 1),
         },
         "speedup_atom_steps_per_s": round(batched_rate / ase_rate, 2),
         "max_abs_dE_ev_per_atom": max(de) if de else None,
@@ -175,11 +276,111 @@ def measure(
             float(np.mean([a.steps == b.steps for a, b in zip(ase_results, batched_results, strict=False)])), 3
         ),
     }
+    if fractional is not None:
+        out["fractional_gpu"] = fractional
+    return out
+
+
+def _fractional_worker(task: dict, barrier, queue) -> None:
+    """One worker of :func:`measure_fractional`: load the model, relax its share of the cells once to warm up,
+    wait for the others, relax its share, report wall-clock start/end and atom·steps."""
+    try:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        with contextlib.redirect_stdout(sys.stderr):
+            from materials.batched import relax_structures_batched
+            from materials.relax import RelaxSettings
+
+            _, _, model = load_models(task["potential"], task["device"], task["dtype"], task["chgnet_graphs"])
+            cells = make_cells(task["potential"], task["n_cells"])[task["worker"] :: task["workers"]]
+            settings = RelaxSettings(
+                fmax=task["fmax"], max_steps=task["max_steps"], batch_max_atoms=task["batch_max_atoms"]
+            )
+            relax_structures_batched(cells[:8], model, RelaxSettings(fmax=0.0, max_steps=3))
+            _sync(task["device"])
+            barrier.wait(timeout=900)
+            start = time.time()
+            results = relax_structures_batched(cells, model, settings)
+            _sync(task["device"])
+            end = time.time()
+        queue.put(
+            {
+                "start": start,
+                "end": end,
+                "cells": len(cells),
+                "atoms": sum(len(c) for c in cells),
+                "atom_steps": sum(r.n_atoms * r.steps for r in results),
+                "n_ok": sum(r.status == "ok" for r in results),
+            }
+        )
+    except Exception as exc:  # reported to the parent, which raises
+        barrier.abort()
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_fractional(
+    potential: str,
+    device: str,
+    dtype: str,
+    workers: int,
+    n_cells: int,
+    fmax: float,
+    max_steps: int,
+    batch_max_atoms: int | None,
+    chgnet_graphs: str = "device",
+) -> dict[str, Any]:
+    """Several processes share one device, each relaxing its own batch (every ``workers``-th cell of the same
+    ``n_cells``), started together after each has loaded its model and warmed up: one process's CPU work (Python,
+    graph building, kernel launches) overlaps the device work of the others. Aggregate atom·steps/s over the wall
+    time from the first start to the last end. Plain multiprocessing (spawn) here: it stands in for Ray actors
+    with fractional ``num_gpus`` (1/workers each), which is how the pipeline would place them (Ray is too large to
+    carry to the benchmark's GPU machine)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(workers), context.Queue()
+    base = {
+        "potential": potential,
+        "device": device,
+        "dtype": dtype,
+        "workers": workers,
+        "n_cells": n_cells,
+        "fmax": fmax,
+        "max_steps": max_steps,
+        "batch_max_atoms": batch_max_atoms,
+        "chgnet_graphs": chgnet_graphs,
+    }
+    processes = [
+        context.Process(target=_fractional_worker, args=({**base, "worker": w}, barrier, queue)) for w in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    reports = [queue.get(timeout=1200) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    errors = [r["error"] for r in reports if "error" in r]
+    if errors:
+        raise RuntimeError(f"fractional-GPU workers failed: {errors}")
+    seconds = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    total = sum(r["atom_steps"] for r in reports)
+    return {
+        "note": f"{workers} worker processes (multiprocessing, spawn) sharing one {device} device, each relaxing its "
+        f"own batch; stands in for Ray actors with fractional num_gpus={1 / workers:.2g}",
+        "workers": workers,
+        "graphs": chgnet_graphs if potential == "chgnet" else "n/a",
+        "cells": sum(r["cells"] for r in reports),
+        "atoms": sum(r["atoms"] for r in reports),
+        "seconds": round(seconds, 3),
+        "atom_steps": total,
+        "atom_steps_per_s": round(total / seconds, 1),
+        "worker_seconds": [round(r["end"] - r["start"], 3) for r in reports],
+        "n_ok": sum(r["n_ok"] for r in reports),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--potential", choices=("chgnet", "mace"), default="mace")
+    parser.add_argument("--potential", choices=("chgnet", "mace", "mace-medium"), default="mace")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="MACE only")
     parser.add_argument("--cells", type=int, default=64, help="cells relaxed by the batched path (default 64)")
@@ -188,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--fixed-steps", type=int, default=None, help="exactly N FIRE steps per cell (fmax 0)")
     parser.add_argument("--batch-max-atoms", type=int, default=512)
+    parser.add_argument(
+        "--chgnet-graphs", choices=("device", "cpu"), default="device", help="where batched CHGNet builds graphs"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also the fractional-GPU row: this many processes share the device"
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -203,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             args.fixed_steps,
             args.batch_max_atoms,
             args.dtype,
+            args.chgnet_graphs,
+            args.workers,
         )
     print(json.dumps(out, indent=1))
     return 0

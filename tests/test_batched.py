@@ -131,6 +131,66 @@ def test_failures_have_the_same_reasons_and_stay_isolated(tiny_mace):
     assert results[1].failure_reason.startswith("calculation failed:") and results[1].id == "si"
 
 
+def test_neighbor_list_matches_ase():
+    import torch
+    from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+    from materials.batched import neighbor_list, neighbors
+
+    rng = np.random.default_rng(0)
+    cells = []
+    for k in range(12):  # skewed cells of 1-4 atoms, some atoms far outside their cell
+        atoms = [bulk("Si", "diamond", a=5.43), bulk("GaN", "wurtzite", a=3.19, c=5.19), bulk("Cu", "fcc", a=3.6)][
+            k % 3
+        ]
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.uniform(-0.15, 0.15, (3, 3))), scale_atoms=True)
+        atoms.positions += rng.normal(0, 1.5, atoms.positions.shape)
+        cells.append(atoms)
+    offsets = np.cumsum([0] + [len(c) for c in cells])
+    positions = torch.tensor(np.concatenate([c.positions for c in cells]))
+    lattice = torch.tensor(np.stack([c.cell.array for c in cells]))
+    system_idx = torch.tensor(np.repeat(np.arange(len(cells)), [len(c) for c in cells]))
+    for cutoff in (3.0, 6.0):
+        want = set()
+        for s, atoms in enumerate(cells):
+            i, j, shift = ase_neighbor_list("ijS", atoms, cutoff)
+            want |= set(zip((i + offsets[s]).tolist(), (j + offsets[s]).tolist(), *shift.T.tolist(), strict=True))
+        for finder in (neighbor_list, neighbors):  # the GPU algorithm (run here on the CPU) and the CPU one (vesin)
+            edges, shifts = finder(positions, lattice, system_idx, cutoff)
+            got = set(zip(edges[0].tolist(), edges[1].tolist(), *shifts.round().long().T.tolist(), strict=True))
+            assert got == want and len(got) > 100, finder.__name__
+
+
+def test_batched_models_match_their_calculators(chgnet_calc, tiny_mace):
+    """One batched call (energies, forces, stresses of several cells) against the ASE calculator cell by cell; for
+    CHGNet with its graphs built on the device and with CHGNet's own converter."""
+    import torch_sim as ts
+
+    from materials.batched import CHGNetModel
+
+    def compare(model, calculator, cells, tol_e, tol_f):
+        state = ts.initialize_state(cells, model.device, model.dtype)
+        out = model(state)
+        start = 0
+        for k, atoms in enumerate(cells):
+            atoms = atoms.copy()
+            atoms.calc = calculator
+            n = len(atoms)
+            assert abs(float(out["energy"][k]) - atoms.get_potential_energy()) < tol_e * n
+            assert np.abs(out["forces"][start : start + n].numpy() - atoms.get_forces()).max() < tol_f
+            assert np.abs(out["stress"][k].numpy() - atoms.get_stress(voigt=False)).max() < tol_f
+            start += n
+
+    cells = semiconductor_cells()
+    cells.append(bulk("Cu", "fcc", a=2.6))  # one atom: bonds to its own images within the 3 Å bond-graph cutoff
+    for graphs in ("device", "cpu"):
+        compare(CHGNetModel(chgnet_calc.model, graphs=graphs), chgnet_calc, cells, 1e-5, 2e-4)
+    calculator, model = tiny_mace
+    compare(model, calculator, metal_cells(), 1e-8, 1e-8)
+    with pytest.raises(ValueError, match="graphs="):
+        CHGNetModel(chgnet_calc.model, graphs="gpu")
+
+
 def test_batched_rejects_potentials_without_a_torch_model():
     from materials.potentials import PotentialError
 
@@ -144,7 +204,7 @@ def test_batched_config_is_validated_and_does_not_change_the_fingerprint():
 
     gpu = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpu-screen.yaml")
     assert gpu.relax.batched and gpu.potential.device == "cuda" and gpu.ray.gpus_per_worker == 0.25
-    with pytest.raises(ConfigError, match="relax.batched: true needs potential.name chgnet or mace"):
+    with pytest.raises(ConfigError, match="relax.batched: true needs potential.name chgnet, mace or sevennet"):
         parse_config({"potential": {"name": "emt"}, "relax": {"batched": True}})
     with pytest.raises(ConfigError, match="needs potential.device: cuda"):
         parse_config({"relax": {"batched": True, "batch_max_atoms": None}})
