@@ -683,6 +683,12 @@ def enumerate_candidates(
         ValueError: unknown prototype (listing known names), wrong number of role lists (naming the
             prototype and its roles), a non-element symbol, or a negative ``max_candidates``.
     """
+    specs = _enumeration_specs(prototype_sites, max_candidates)
+    return list(_generate(specs, max_candidates, dedup))
+
+
+def _enumeration_specs(prototype_sites: Mapping[str, Sequence[Sequence[str]]], max_candidates: int | None) -> list:
+    """Checked ``(Prototype, role lists)`` pairs (see :func:`enumerate_candidates` for what is refused)."""
     if max_candidates is not None and max_candidates < 0:
         raise InputError(f"max_candidates must be >= 0 or None; got {max_candidates}.")
     specs = []
@@ -702,14 +708,28 @@ def enumerate_candidates(
                 if not Element.is_valid_symbol(str(sym)):
                     raise InputError(f"Prototype {name!r} role {role!r}: {sym!r} is not an element symbol.")
         specs.append((proto, [[str(sym) for sym in elements] for elements in role_lists]))
+    return specs
 
+
+def iter_candidates(
+    prototype_sites: Mapping[str, Sequence[Sequence[str]]],
+    max_candidates: int | None = None,
+    dedup: bool = True,
+) -> Iterator[Candidate]:
+    """:func:`enumerate_candidates`, one candidate at a time (the settings are checked at once, each structure
+    built only when it is reached): a screen need not hold every starting structure."""
+    specs = _enumeration_specs(prototype_sites, max_candidates)
+    return _generate(specs, max_candidates, dedup)
+
+
+def _generate(specs: list, max_candidates: int | None, dedup: bool) -> Iterator[Candidate]:
     filt = _Deduplicator()
-    kept: list[Candidate] = []
+    n_kept = 0
     id_counts: dict[str, int] = {}
     for proto, role_lists in specs:
         for species in itertools.product(*role_lists):
-            if max_candidates is not None and len(kept) >= max_candidates:
-                return kept
+            if max_candidates is not None and n_kept >= max_candidates:
+                return
             if len(set(species)) != len(species):
                 continue
             if not charge_balanced(species, proto.multiplicities, anion_last=proto.anion_last):
@@ -725,5 +745,5 @@ def enumerate_candidates(
             base_id = f"{proto.name}-{formula}"
             id_counts[base_id] = id_counts.get(base_id, 0) + 1
             cid = base_id if id_counts[base_id] == 1 else f"{base_id}-{id_counts[base_id]}"
-            kept.append(Candidate(cid, formula, proto.name, GENERATED, structure))
-    return kept
+            n_kept += 1
+            yield Candidate(cid, formula, proto.name, GENERATED, structure)

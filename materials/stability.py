@@ -667,37 +667,146 @@ def assess_stability(
     """
     covered = frozenset(training_elements) if training_elements is not None else None
     notes: dict[str, list[str]] = defaultdict(list)
-    items = []
-    for item_id, (comp, energy) in energies.items():
-        symbols = sorted(el.symbol for el in comp.elements)
-        if covered is not None and (outside := [s for s in symbols if s not in covered]):
-            notes[item_id].append(f"elements outside the potential's training data: {', '.join(outside)}")
-        lacking = [s for s in symbols if s not in refs.mu]
-        if lacking:
-            reasons = "; ".join(f"{s}: {refs.missing[s]}" for s in lacking if s in refs.missing)
-            notes[item_id].append(
-                f"no {refs.convention} reference energy for {', '.join(lacking)}"
-                + (f" ({reasons})" if reasons else "")
-                + ": E_form and E_hull not computed"
-            )
-            value = math.nan
-        else:
-            try:
-                value = formation_energy_per_atom(comp, energy, refs)
-            except StabilityError as exc:
-                notes[item_id].append(str(exc))
-                value = math.nan
-        items.append(HullItem(item_id, comp, value))
+    items = [
+        HullItem(item_id, comp, _formation_with_notes(comp, energy, refs, covered, notes[item_id]))
+        for item_id, (comp, energy) in energies.items()
+    ]
     distances = hull_distances(items, table)
     out = {}
     for it in items:
         dist = distances[it.id]
-        if dist.e_above_hull < BELOW_HULL_WARNING:
-            notes[it.id].append(
-                f"{-dist.e_above_hull:.2f} eV/atom below the known hull: most often a model error, "
-                "sometimes a discovery; check with DFT"
-            )
+        _below_hull_note(dist.e_above_hull, notes[it.id])
         out[it.id] = StabilityRow(
             it.e_form_per_atom, dist.e_above_hull, dist.e_above_hull_screen, "; ".join(notes[it.id])
         )
     return out
+
+
+def _formation_with_notes(
+    comp: Composition, energy: float, refs: EnergyReferences, covered: frozenset[str] | None, notes: list[str]
+) -> float:
+    """E_form (eV/atom; NaN when it cannot be computed) of one structure, appending its warnings to ``notes``."""
+    symbols = sorted(el.symbol for el in comp.elements)
+    if covered is not None and (outside := [s for s in symbols if s not in covered]):
+        notes.append(f"elements outside the potential's training data: {', '.join(outside)}")
+    lacking = [s for s in symbols if s not in refs.mu]
+    if lacking:
+        reasons = "; ".join(f"{s}: {refs.missing[s]}" for s in lacking if s in refs.missing)
+        notes.append(
+            f"no {refs.convention} reference energy for {', '.join(lacking)}"
+            + (f" ({reasons})" if reasons else "")
+            + ": E_form and E_hull not computed"
+        )
+        return math.nan
+    try:
+        return formation_energy_per_atom(comp, energy, refs)
+    except StabilityError as exc:
+        notes.append(str(exc))
+        return math.nan
+
+
+def _below_hull_note(e_above_hull: float, notes: list[str]) -> None:
+    if e_above_hull < BELOW_HULL_WARNING:
+        notes.append(
+            f"{-e_above_hull:.2f} eV/atom below the known hull: most often a model error, "
+            "sometimes a discovery; check with DFT"
+        )
+
+
+def _composition_key(composition: Composition) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((el.symbol, float(amount)) for el, amount in composition.items()))
+
+
+class StreamingStability:
+    """:func:`assess_stability` for screens too large to hold at once: the same numbers, in batches.
+
+    Two passes over the screen's structures, in batches of any size and order:
+
+    1. :meth:`assess` gives each structure of a batch its final E_form, signed E_hull and warning, and a
+       provisional screen-hull distance (= the signed one, final where nothing lies below the reference hull
+       in the structure's chemical system or its subsystems). The reference hull energy
+       is computed once per composition (the reference diagram once per chemical system, as before).
+    2. After every batch went through pass 1, :meth:`screen_distances` gives the final distance to the screen's
+       hull for a batch; only structures whose chemical system holds (in itself or a subsystem) a structure
+       below the reference hull get a value, the others keep the pass-1 value.
+
+    What is kept between batches is per composition, not per structure: the reference hull energy of each
+    composition seen and, of the structures below the reference hull, the lowest one of each composition (a
+    higher one of the same composition cannot be on the screen's hull). Memory grows with the number of
+    distinct compositions, not with the number of structures.
+    """
+
+    def __init__(self, refs: EnergyReferences, table: ReferenceTable, training_elements: Iterable[str] | None = None):
+        self.refs = refs
+        self.table = table
+        self.covered = frozenset(training_elements) if training_elements is not None else None
+        self._hull: dict[tuple, float] = {}
+        self._below: dict[frozenset[str], dict[tuple, HullItem]] = defaultdict(dict)
+        self._screen: dict[frozenset[str], PhaseDiagram | None] = {}
+        self._screen_hull: dict[tuple, float] = {}
+
+    def _reference_hull(self, key: tuple, comp: Composition) -> float:
+        value = self._hull.get(key)
+        if value is None:
+            value = self._hull[key] = self.table.diagram(_system(comp)).get_hull_energy_per_atom(comp)
+        return value
+
+    def assess(self, energies: Mapping[str, tuple[Composition, float]]) -> dict[str, StabilityRow]:
+        """Pass 1 for a batch: id -> row with final E_form, E_hull and warning (see the class docstring)."""
+        if self._screen:
+            raise RuntimeError("StreamingStability.assess after screen_distances: start a new one")
+        out = {}
+        for item_id, (comp, energy) in energies.items():
+            notes: list[str] = []
+            value = _formation_with_notes(comp, energy, self.refs, self.covered, notes)
+            signed = math.nan
+            if math.isfinite(value):
+                key = _composition_key(comp)
+                signed = float(value - self._reference_hull(key, comp))
+                if signed < 0:
+                    lowest = self._below[_system(comp)].get(key)
+                    if lowest is None or value < lowest.e_form_per_atom:
+                        self._below[_system(comp)][key] = HullItem(item_id, comp, value)
+            _below_hull_note(signed, notes)
+            out[item_id] = StabilityRow(value, signed, signed, "; ".join(notes))
+        return out
+
+    def _screen_diagram(self, system: frozenset[str]) -> PhaseDiagram | None:
+        if system not in self._screen:
+            lower = [
+                it
+                for size in range(1, len(system) + 1)
+                for subset in itertools.combinations(sorted(system), size)
+                for it in self._below.get(frozenset(subset), {}).values()
+            ]
+            diagram = None
+            if lower:
+                reference = self.table.diagram(system)
+                entries = list(reference.stable_entries) + [
+                    PDEntry(it.composition, it.e_form_per_atom * it.composition.num_atoms, name=it.id) for it in lower
+                ]
+                diagram = PhaseDiagram(entries)
+            self._screen[system] = diagram
+        return self._screen[system]
+
+    def screen_distances(self, items: Iterable[tuple[str, Composition, float]]) -> dict[str, float]:
+        """Pass 2 for a batch of ``(id, composition, E_form)``: id -> final distance to the screen's hull
+        (eV/atom, >= 0), only for the structures whose value differs from pass 1's (see the class docstring)."""
+        out = {}
+        for item_id, comp, e_form in items:
+            if not math.isfinite(e_form):
+                continue
+            diagram = self._screen_diagram(_system(comp))
+            if diagram is None:
+                continue
+            key = _composition_key(comp)
+            hull = self._screen_hull.get(key)
+            if hull is None:
+                hull = self._screen_hull[key] = diagram.get_hull_energy_per_atom(comp)
+            out[item_id] = max(0.0, float(e_form - hull))
+        return out
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """True when some structure lies below the reference hull (pass 2 can change a value)."""
+        return bool(self._below)

@@ -4,9 +4,10 @@ cluster."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,8 @@ class RelaxWorker:
             record = {**base, **{k: v for k, v in result.as_dict().items() if k != "structure"}}
             record["relax_steps"] = result.steps
             record["structure"] = result.structure.as_dict() if result.structure is not None else None
+            # the CIF text of the relaxed structure, made here so that the driver only writes files
+            record["cif"] = result.structure.to(fmt="cif") if result.structure is not None else None
             out[slot] = record
         return out
 
@@ -232,37 +235,50 @@ def as_completed(refs: dict[Any, Any]) -> Iterator[tuple[Any, Any, str | None]]:
         yield refs[ready[0]], result, reason
 
 
-def chunked(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+def chunked(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    """Consecutive chunks of ``size`` items (the last may be shorter), taken from ``items`` as they are asked for."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def run_chunks(
     workers: list,
-    chunks: Sequence[Sequence[WorkItem]],
+    chunks: Iterable[Sequence[WorkItem]],
     max_in_flight_per_worker: int,
     on_result: Callable[[list[dict[str, Any]]], None],
 ) -> Iterator[int]:
     """Dispatch chunks round-robin with at most ``max_in_flight_per_worker`` per actor; call ``on_result``
     with each chunk's records as it finishes (yields the number of items finished, for progress bars).
 
+    ``chunks`` is consumed lazily (a generator is fine): a chunk is taken only when a worker has room for it, so
+    at most ``len(workers) * max_in_flight_per_worker`` chunks exist at any time, whatever the screen's size.
     A chunk whose worker died beyond its retries becomes failed records naming the error: the batch goes on.
     """
-    pending = list(enumerate(chunks))[::-1]
+    source = iter(chunks)
+    exhausted = False
     in_flight: dict[Any, tuple[int, Sequence[WorkItem]]] = {}
     load = {i: 0 for i in range(len(workers))}
     owner: dict[Any, int] = {}
     limit = max_in_flight_per_worker
-    while pending or in_flight:
-        while pending:
+    index = 0
+    while True:
+        while not exhausted:
             free = [i for i in load if load[i] < limit]
             if not free:
                 break
+            chunk = next(source, None)
+            if chunk is None:
+                exhausted = True
+                break
             worker = min(free, key=lambda i: load[i])
-            index, chunk = pending.pop()
             ref = workers[worker].relax_chunk.remote(chunk)
             in_flight[ref] = (index, chunk)
+            index += 1
             owner[ref] = worker
             load[worker] += 1
+        if not in_flight:
+            return
         done, _ = ray.wait(list(in_flight), num_returns=1)
         ref = done[0]
         _, chunk = in_flight.pop(ref)
@@ -283,5 +299,6 @@ def run_chunks(
                 }
                 for it in chunk
             ]
+        del ref
         on_result(records)
         yield len(chunk)

@@ -6,9 +6,13 @@ Results are written to ``<out>/results.sqlite`` as each chunk finishes; ``resume
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
+import math
+import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,23 +22,26 @@ import yaml
 from pymatgen.core import Composition
 from tqdm import tqdm
 
-from materials.candidates import Candidate, enumerate_candidates
+from materials.candidates import iter_candidates
 from materials.errors import InputError
 from materials.potentials import PotentialSpec
 from materials.stability import (
     BELOW_HULL_WARNING,
     EnergyReferences,
     ReferenceTable,
-    assess_stability,
+    StreamingStability,
     mp_references,
     shipped_element_offsets,
 )
-from materials.structures import load_structure_dir
+from materials.structures import STRUCTURE_SUFFIXES, StructureCheckError, is_structure_file, read_structure
+from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from pipelines.config import ScreenConfig
 from pipelines.environments import check_potential
-from pipelines.execution import WorkItem, chunked, init_ray, make_workers, run_chunks
+from pipelines.execution import WorkItem, init_ray, make_workers, run_chunks
 from pipelines.store import ResultStore
 from pipelines.tracking import Tracker, git_commit, redact
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(InputError):
@@ -57,6 +64,10 @@ class ScreenSummary:
     below_hull: list[dict[str, Any]] = field(default_factory=list)
     #: rows that carry any warning
     n_warnings: int = 0
+    #: where this run's time went, s: ``read_seconds`` (inputs read or built, in the driver), ``dispatch_seconds``
+    #: (first dispatch to last result), ``write_seconds`` (storing results and writing CIF files),
+    #: ``stability_seconds``, ``csv_seconds``, ``total_seconds``; ``chunks``: [s since dispatch start, items] per chunk
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int | None) -> str:
@@ -82,52 +93,108 @@ def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int 
 def build_work_items(
     config: ScreenConfig, structures: str | None, limit: int | None
 ) -> tuple[list[WorkItem], list[dict]]:
-    """Work items plus records for inputs that failed before any simulation (unreadable files).
+    """Work items plus records for inputs that failed before any simulation (unreadable files), as lists (a
+    screen streams them: :func:`iter_work_items`).
 
     Raises:
         ValueError: ``limit`` below 1 (``None`` keeps every item).
     """
-    _check_limit(limit)
+    inputs = iter_work_items(config, structures, limit)
+    items: list[WorkItem] = []
     failed: list[dict] = []
-    if structures:
-        loaded = load_structure_dir(structures)
-        items = []
-        for entry in loaded:
-            if entry.structure is None:
-                failed.append(
-                    {
-                        "id": entry.id,
-                        "formula": None,
-                        "prototype": "user",
-                        "source": entry.source,
-                        "status": "failed",
-                        "failure_reason": f"rejected: {entry.error}",
-                    }
-                )
-            else:
-                items.append(
-                    WorkItem(
-                        entry.id,
-                        entry.structure.composition.reduced_formula,
-                        "user",
-                        entry.source,
-                        entry.structure.as_dict(),
-                    )
-                )
-    else:
-        if not config.candidates.prototypes:
-            raise InputError(
-                "candidates.prototypes is empty: list prototypes and elements in the config, or pass --structures DIR"
-            )
-        cands: list[Candidate] = enumerate_candidates(
-            config.candidates.prototypes,
-            max_candidates=config.candidates.max_candidates,
-            dedup=config.candidates.dedup,
-        )
-        items = [WorkItem(c.id, c.formula, c.prototype, c.source, c.structure.as_dict()) for c in cands]
-    if limit is not None:
-        items = items[:limit]
+    for entry in inputs.entries:
+        (items if isinstance(entry, WorkItem) else failed).append(entry)
     return items, failed
+
+
+@dataclass
+class WorkInputs:
+    """A screen's inputs, produced lazily: ``entries`` yields a :class:`WorkItem` (its structure dict made only
+    when it is reached) or, for an input that failed before any simulation (an unreadable file), its failed
+    record. ``total`` is the number of inputs when known without reading them (files in the folder, at most
+    ``limit``), else None."""
+
+    entries: Iterator[WorkItem | dict]
+    total: int | None
+
+
+def iter_work_items(config: ScreenConfig, structures: str | None, limit: int | None) -> WorkInputs:
+    """The screen's inputs, streamed: files are read and candidates built one at a time as they are consumed.
+
+    What can be checked without building anything is checked here, at once (``limit``, the folder holds
+    structure files, the candidate settings); a file that cannot be read becomes a failed record when reached.
+    As :func:`build_work_items` always did: ``limit`` counts readable items, and every unreadable file of the
+    folder is recorded as failed, within the limit or not.
+
+    Raises:
+        InputError: ``limit`` below 1, no candidates, an unreadable structures folder, bad candidate settings.
+    """
+    _check_limit(limit)
+    if structures:
+        files = _structure_files(structures)
+        total = len(files) if limit is None else min(limit, len(files))
+        return WorkInputs(_file_entries(files, limit), total)
+    if not config.candidates.prototypes:
+        raise InputError(
+            "candidates.prototypes is empty: list prototypes and elements in the config, or pass --structures DIR"
+        )
+    cands = iter_candidates(
+        config.candidates.prototypes, max_candidates=config.candidates.max_candidates, dedup=config.candidates.dedup
+    )
+    items = (WorkItem(c.id, c.formula, c.prototype, c.source, c.structure.as_dict()) for c in cands)
+    return WorkInputs(itertools.islice(items, limit) if limit is not None else items, None)
+
+
+def _structure_files(directory: str | Path) -> list[str]:
+    """The paths of the structure files of a folder, sorted by name (not recursive), as
+    :func:`materials.structures.load_structure_dir` lists them, without reading them (kept as strings: a
+    ``Path`` object costs several times the memory, and a folder may hold 100,000 files).
+
+    Raises:
+        FileNotFoundError: not a folder, or no structure file in it (the message says what is looked for).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--structures {directory}: not a directory; give a folder of CIF/POSCAR/extxyz files")
+    files = sorted(str(p) for p in directory.iterdir() if is_structure_file(p))
+    if not files:
+        raise FileNotFoundError(
+            f"{directory}: no structure files found (looked for {', '.join(STRUCTURE_SUFFIXES)}, POSCAR*, CONTCAR*)"
+        )
+    return files
+
+
+def _file_entries(files: list[str], limit: int | None) -> Iterator[WorkItem | dict]:
+    """Read ``files`` one at a time. Ids are the file stems, a repeated stem gets its suffix appended (as
+    :func:`materials.structures.load_structure_dir` names them). Past ``limit`` readable items a file is still
+    read, to record it if it fails, as a full read of the folder did."""
+    stems = sorted(Path(p).stem for p in files)
+    repeated = {a for a, b in zip(stems, stems[1:], strict=False) if a == b}  # only these need remembering
+    del stems
+    seen: set[str] = set()
+    n_items = 0
+    for name in files:
+        path = Path(name)
+        item_id = path.stem
+        if item_id in repeated or item_id in seen:
+            item_id = path.stem if path.stem not in seen else path.name
+            seen.add(item_id)
+        try:
+            structure = read_structure(path)
+        except StructureCheckError as exc:
+            yield {
+                "id": item_id,
+                "formula": None,
+                "prototype": "user",
+                "source": str(path),
+                "status": "failed",
+                "failure_reason": f"rejected: {exc}",
+            }
+            continue
+        if limit is not None and n_items >= limit:
+            continue
+        n_items += 1
+        yield WorkItem(item_id, structure.composition.reduced_formula, "user", str(path), structure.as_dict())
 
 
 def _check_limit(limit: int | None) -> None:
@@ -172,32 +239,159 @@ def resolve_references(
     return refs
 
 
+class _TodoChunks:
+    """Chunks of the work items not stored yet, made as the dispatcher asks for them (never the whole screen).
+
+    Inputs are read in blocks; each block's ids are looked up in the store (a resumed screen skips what it holds),
+    its failed records (unreadable files) stored, and its work items cut into chunks of ``size``. Time spent
+    here (reading files, building structures, the lookups) is added to ``timings["read_seconds"]``."""
+
+    def __init__(self, entries: Iterator[WorkItem | dict], store: ResultStore, size: int, timings: dict[str, Any]):
+        self.entries = entries
+        self.store = store
+        self.size = size
+        self.timings = timings
+        self.n_items = 0
+
+    def __iter__(self) -> Iterator[list[WorkItem]]:
+        pending: list[WorkItem] = []
+        blocks = _batched(self.entries, max(self.size, 256))
+        while True:
+            t0 = time.perf_counter()
+            block = next(blocks, None)
+            if block is None:
+                break
+            done = self.store.stored_ids(e.id if isinstance(e, WorkItem) else e["id"] for e in block)
+            failed = [e for e in block if isinstance(e, dict) and e["id"] not in done]
+            if failed:
+                self.store.write(failed)
+            pending.extend(e for e in block if isinstance(e, WorkItem) and e.id not in done)
+            del block
+            self.timings["read_seconds"] += time.perf_counter() - t0
+            while len(pending) >= self.size:
+                chunk, pending = pending[: self.size], pending[self.size :]
+                self.n_items += len(chunk)
+                yield chunk
+        if pending:
+            self.n_items += len(pending)
+            yield pending
+
+
+def _write_results_csv(store: ResultStore, path: Path, timings: dict[str, Any] | None = None) -> Path:
+    """results.csv row by row, with the band-gap GNN columns (gap_pbe, gap_pbe_std, gap_expt, gap_expt_std,
+    p_metal, ...; without them, and a warning, when no model can be used) and the supply-chain columns of
+    :mod:`materials.sustainability`, each computed once per distinct formula."""
+    formulas = store.distinct_formulas()
+    supply = dict(zip(formulas, sustainability_rows(formulas), strict=True))
+    supply[""] = dict.fromkeys(SUSTAINABILITY_COLUMNS)
+    predictions: dict[str, dict[str, Any]] = {}
+    gap_columns: list[str] = []
+    start = time.perf_counter()
+    try:
+        from materials.bandgap import PREDICTION_COLUMNS, BandGapError, predict_gaps  # torch-geometric: only here
+    except ImportError as exc:  # the band-gap stack is optional for a screen
+        log.warning("no band-gap predictions in %s: %s", path, exc)
+    else:
+        try:
+            predictions = dict(zip(formulas, predict_gaps(formulas), strict=True)) if formulas else {}
+            if store.count("formula IS NULL"):
+                predictions[""] = predict_gaps([""])[0]
+            gap_columns = list(PREDICTION_COLUMNS)
+        except (BandGapError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+            log.warning("no band-gap predictions in %s: %s", path, exc)
+            predictions = {}
+    if timings is not None:  # the model's load and one prediction per distinct formula
+        timings["gap_prediction_seconds"] = time.perf_counter() - start
+    columns = [*gap_columns, *SUSTAINABILITY_COLUMNS]
+
+    def cells(rec: dict[str, Any]) -> dict[str, Any]:
+        formula = rec.get("formula") or ""
+        row = {c: _gap_cell(predictions[formula][c]) for c in gap_columns}
+        return row | {c: _gap_cell(v) for c, v in supply[formula].items()}
+
+    return store.export_csv(path, columns, cells)
+
+
+def _gap_cell(value: Any) -> Any:
+    """As ``pipelines.train_gap.add_gap_columns`` writes a predicted number: 4 decimals, empty for NaN/None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return round(value, 4) if isinstance(value, float) else value
+
+
+#: records per batch of the stability step (read from the store, assessed, written back)
+STABILITY_BATCH = 5000
+
+
 def compute_stability(
-    store: ResultStore, refs: EnergyReferences, table: ReferenceTable, training_elements: frozenset[str] | None
+    store: ResultStore,
+    refs: EnergyReferences,
+    table: ReferenceTable,
+    training_elements: frozenset[str] | None,
+    batch_size: int = STABILITY_BATCH,
 ) -> None:
-    """Formation energy, signed E_hull, E_hull against the screen's own hull, and warnings for every ok record."""
-    energies = {}
-    for rec in store.records():
-        if rec["status"] != "ok" or rec["energy_per_atom"] is None:
-            continue
-        comp = Composition(rec["formula"])
-        energies[rec["id"]] = (comp, rec["energy_per_atom"] * comp.num_atoms)
-    rows = assess_stability(energies, refs, table, training_elements)
-    store.update_stability(rows, refs.convention)
+    """Formation energy, signed E_hull, E_hull against the screen's own hull, and warnings for every ok record.
+
+    Streams: the records are read and written back in batches (:class:`materials.stability.StreamingStability`,
+    the numbers of :func:`materials.stability.assess_stability`); what is held between batches grows with the
+    number of distinct compositions, not of records."""
+    stream = StreamingStability(refs, table, training_elements)
+    compositions = _Compositions()
+    rows = store.columns(("id", "formula", "energy_per_atom"), "status = 'ok' AND energy_per_atom IS NOT NULL")
+    for batch in _batched(rows, batch_size):
+        energies = {}
+        for item_id, formula, energy_per_atom in batch:
+            comp = compositions(formula)
+            energies[item_id] = (comp, energy_per_atom * comp.num_atoms)
+        store.update_stability(stream.assess(energies), refs.convention)
+    if not stream.needs_second_pass:
+        return
+    rows = store.columns(("id", "formula", "e_form_per_atom"), "status = 'ok' AND e_form_per_atom IS NOT NULL")
+    for batch in _batched(rows, batch_size):
+        values = stream.screen_distances((i, compositions(f), e) for i, f, e in batch)
+        if values:
+            store.update_screen_hull(values)
+
+
+class _Compositions:
+    """Composition of a formula, parsed once per formula (a screen has far fewer formulas than records)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Composition] = {}
+
+    def __call__(self, formula: str) -> Composition:
+        comp = self._cache.get(formula)
+        if comp is None:
+            comp = self._cache[formula] = Composition(formula)
+        return comp
+
+
+def _batched(iterable: Iterable, size: int) -> Iterator[list]:
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 def _write_structure_files(records: list[dict], folder: Path) -> None:
-    from pymatgen.core import Structure
-
+    """Each relaxed structure as ``<id>.cif``: the CIF text the worker made (``cif``), else made here."""
     folder.mkdir(parents=True, exist_ok=True)
     for rec in records:
-        if rec.get("structure"):
-            Structure.from_dict(rec["structure"]).to(filename=str(folder / f"{rec['id']}.cif"))
+        text = rec.get("cif")
+        if text is None and rec.get("structure"):
+            from pymatgen.core import Structure
+
+            text = Structure.from_dict(rec["structure"]).to(fmt="cif")
+        if text is not None:
+            (folder / f"{rec['id']}.cif").write_text(text)
 
 
-def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | None:
-    values = [r["e_above_hull"] for r in records if r.get("e_above_hull") is not None]
-    if not values:
+def _ehull_plot(store: ResultStore, threshold: float, path: Path) -> Path | None:
+    import numpy as np
+
+    values = np.fromiter(
+        (v for (v,) in store.columns(("e_above_hull",), "status = 'ok' AND e_above_hull IS NOT NULL")), dtype=float
+    )
+    if not values.size:
         return None
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
@@ -211,13 +405,6 @@ def _ehull_plot(records: list[dict], threshold: float, path: Path) -> Path | Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
-
-
-def _add_predicted_gaps(csv_path: Path) -> None:
-    """Band-gap GNN columns (gap_pbe, gap_pbe_std, gap_expt, gap_expt_std, p_metal) by formula; fails soft."""
-    from pipelines.train_gap import add_gap_columns  # torch-geometric import only when a screen finishes
-
-    add_gap_columns(csv_path)
 
 
 def check_potential_loads(spec: PotentialSpec, environments: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -261,7 +448,7 @@ def run_screen(
     potential, registry_tags = resolve_potential(config.potential, config.tracking.uri)
     config = config.model_copy(update={"potential": potential})
     # every input is checked before anything is written: a mistake fixed and rerun meets no stale fingerprint
-    items, prefailed = build_work_items(config, structures, limit)
+    inputs = iter_work_items(config, structures, limit)
     potential_info = check_potential_loads(config.potential, config.ray.environments)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.sqlite")
@@ -280,10 +467,6 @@ def run_screen(
         )
     store.set_meta("fingerprint", fingerprint)
     (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
-
-    done = store.done_ids()
-    store.write(r for r in prefailed if r["id"] not in done)
-    todo = [it for it in items if it.id not in done]
 
     tracker: Tracker | None = None
     status = "FAILED"
@@ -304,23 +487,30 @@ def run_screen(
             }
         )
         structures_dir = out / "structures"
+        timings: dict[str, Any] = {"read_seconds": 0.0, "write_seconds": 0.0, "chunks": []}
+        relax_start = time.perf_counter()
 
         def on_result(records: list[dict]) -> None:
+            t0 = time.perf_counter()
             store.write(records)
             _write_structure_files(records, structures_dir)
+            t1 = time.perf_counter()
+            timings["write_seconds"] += t1 - t0
+            timings["chunks"].append([round(t1 - relax_start, 3), len(records)])
 
-        chunks = chunked(todo, config.ray.chunk_size)
-        bar = tqdm(total=len(todo), desc="relax", unit="struct", disable=not progress)
-        relax_start = time.perf_counter()
-        for n in run_chunks(workers, chunks, config.ray.max_in_flight_per_worker, on_result):
+        todo = _TodoChunks(inputs.entries, store, config.ray.chunk_size, timings)
+        total = inputs.total
+        bar = tqdm(
+            total=total, initial=min(n_stored, total or n_stored), desc="relax", unit="struct", disable=not progress
+        )
+        for n in run_chunks(workers, todo, config.ray.max_in_flight_per_worker, on_result):
             bar.update(n)
         bar.close()
         relax_seconds = time.perf_counter() - relax_start
+        timings["dispatch_seconds"] = relax_seconds
+        n_todo = todo.n_items
         symbols = {
-            el.symbol
-            for rec in store.records()
-            if rec["status"] == "ok" and rec["formula"]
-            for el in Composition(rec["formula"]).elements
+            el.symbol for formula in store.distinct_formulas("status = 'ok'") for el in Composition(formula).elements
         }
         refs = resolve_references(config, out, workers, symbols, potential_info["weights_hash"])
         (out / "reference_energies.json").write_text(json.dumps(refs.as_dict(), indent=1))
@@ -332,63 +522,78 @@ def run_screen(
             }
         )
         training = ray.get(workers[0].training_elements.remote())
-        compute_stability(store, refs, ReferenceTable.load(), training)
-        csv_path = store.export_csv(out / "results.csv")
-        _add_predicted_gaps(csv_path)
-        records = list(store.records())
-        ok = [r for r in records if r["status"] == "ok"]
-        stable = [
-            r for r in ok if r["e_above_hull"] is not None and r["e_above_hull"] <= config.stability.stable_threshold
-        ]
+        t0 = time.perf_counter()
+        table = ReferenceTable.load()
+        t1 = time.perf_counter()
+        compute_stability(store, refs, table, training)
+        t2 = time.perf_counter()
+        csv_path = _write_results_csv(store, out / "results.csv", timings)
+        timings.update(reference_table_seconds=t1 - t0, stability_seconds=t2 - t1, csv_seconds=time.perf_counter() - t2)
+        # the summary from SQL queries: no list of every record in memory
+        n_records = len(store)
+        n_ok = store.count("status = 'ok'")
+        stable_where = "status = 'ok' AND e_above_hull IS NOT NULL AND e_above_hull <= ?"
+        threshold = (config.stability.stable_threshold,)
+        n_stable = store.count(stable_where, threshold)
         below = [
             {k: r[k] for k in ("id", "formula", "e_above_hull", "warning")}
-            for r in sorted(ok, key=lambda r: (r["e_above_hull"] if r["e_above_hull"] is not None else 0.0, r["id"]))
-            if r["e_above_hull"] is not None and r["e_above_hull"] < BELOW_HULL_WARNING
+            for r in store.records(
+                where="status = 'ok' AND e_above_hull IS NOT NULL AND e_above_hull < ?",
+                params=(BELOW_HULL_WARNING,),
+                order_by='e_above_hull, "id"',
+            )
         ]
-        n_warnings = sum(1 for r in ok if r.get("warning"))
+        n_warnings = store.count("status = 'ok' AND warning IS NOT NULL AND warning != ''")
         seconds = time.perf_counter() - start
         stable_dir = out / "stable_structures"
         stable_dir.mkdir(exist_ok=True)
-        for r in stable:
-            src = structures_dir / f"{r['id']}.cif"
+        for (item_id,) in store.columns(("id",), stable_where, threshold):
+            src = structures_dir / f"{item_id}.cif"
             if src.is_file():
                 (stable_dir / src.name).write_text(src.read_text())
         tracker.log_metrics(
             {
-                "n_candidates": len(records),
-                "n_ok": len(ok),
-                "n_failed": len(records) - len(ok),
-                "n_stable": len(stable),
+                "n_candidates": n_records,
+                "n_ok": n_ok,
+                "n_failed": n_records - n_ok,
+                "n_stable": n_stable,
                 "n_below_known_hull": len(below),
                 "n_warnings": n_warnings,
-                "n_relaxed_this_run": len(todo),
+                "n_relaxed_this_run": n_todo,
                 "seconds": seconds,
                 "relax_seconds": relax_seconds,
-                "throughput_structures_per_s": len(todo) / relax_seconds if todo and relax_seconds > 0 else 0.0,
+                "throughput_structures_per_s": n_todo / relax_seconds if n_todo and relax_seconds > 0 else 0.0,
             }
         )
         tracker.log_artifact(csv_path)
         tracker.log_artifact(out / "config.yaml")
         tracker.log_artifact(out / "reference_energies.json")
-        plot = _ehull_plot(ok, config.stability.stable_threshold, out / "e_above_hull.png")
+        plot = _ehull_plot(store, config.stability.stable_threshold, out / "e_above_hull.png")
         if plot is not None:
             tracker.log_artifact(plot)
         tracker.log_artifacts(stable_dir, "stable_structures")
-        top = sorted((r for r in ok if r["e_above_hull"] is not None), key=lambda r: (r["e_above_hull"], r["id"]))[:10]
+        top = list(
+            store.records(where="status = 'ok' AND e_above_hull IS NOT NULL", order_by='e_above_hull, "id"', limit=10)
+        )
         status = "FINISHED"
+        timings.update(
+            {k: round(v, 3) for k, v in timings.items() if isinstance(v, float)},
+            total_seconds=round(time.perf_counter() - start, 3),
+        )
         return ScreenSummary(
             out,
-            len(records),
-            len(ok),
-            len(records) - len(ok),
-            len(stable),
-            len(todo),
+            n_records,
+            n_ok,
+            n_records - n_ok,
+            n_stable,
+            n_todo,
             seconds,
             refs.as_dict(),
             tracker.run_id,
             top,
             below,
             n_warnings,
+            timings,
         )
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
         status = "KILLED"

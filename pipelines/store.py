@@ -1,6 +1,8 @@
 """The result store: one SQLite file per screen, written as each result arrives, so a rerun resumes.
 
-SQLite in WAL mode with a commit per chunk: a killed run loses at most the chunk in flight.
+SQLite in WAL mode with a commit per chunk: a killed run loses at most the chunk in flight. Everything here
+streams: records are read through a cursor and written in batches, so a screen of any size is never held in
+memory at once.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import math
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ RESULT_COLUMNS = (
     "seconds",
 )
 _EXTRA_COLUMNS = ("stress", "structure")
+#: ids per ``IN (...)`` query (SQLite allows at least 999 bound variables)
+_MAX_VARIABLES = 900
 #: terminal colour codes (ESC [ ... m) that must not reach a CSV
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -53,6 +57,9 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives the process being killed (what resume needs); only a power cut can
+        # lose the last commits. FULL would fsync every chunk's commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f'"{c}"' for c in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS)
         self._db.execute(f'CREATE TABLE IF NOT EXISTS results ("id" TEXT PRIMARY KEY, {columns})')
         # a store written before a column existed gains it (empty), so older screens still resume
@@ -132,33 +139,93 @@ class ResultStore:
         )
         self._db.commit()
 
+    def update_screen_hull(self, values: Mapping[str, float]) -> None:
+        """Set e_above_hull_screen (eV/atom) per id (the second pass of the stability step)."""
+        rows = [(value if math.isfinite(value) else None, item_id) for item_id, value in values.items()]
+        self._db.executemany('UPDATE results SET e_above_hull_screen = ? WHERE "id" = ?', rows)
+        self._db.commit()
+
     def done_ids(self) -> set[str]:
+        """Every stored id (held in memory: for a large screen, :meth:`stored_ids` asks about some ids only)."""
         return {row[0] for row in self._db.execute('SELECT "id" FROM results')}
+
+    def stored_ids(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` that are stored (any status)."""
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), _MAX_VARIABLES):
+            part = ids[start : start + _MAX_VARIABLES]
+            marks = ", ".join("?" for _ in part)
+            found.update(row[0] for row in self._db.execute(f'SELECT "id" FROM results WHERE "id" IN ({marks})', part))
+        return found
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
-    def records(self, with_structures: bool = False) -> Iterator[dict[str, Any]]:
-        """All records in id order; ``stress`` decoded; ``structure`` decoded only if asked (it is large)."""
-        names = RESULT_COLUMNS + _EXTRA_COLUMNS
-        cursor = self._db.execute(
-            f'SELECT {", ".join(chr(34) + n + chr(34) for n in names)} FROM results ORDER BY "id"'
+    def count(self, where: str = "", params: Sequence[Any] = ()) -> int:
+        """Number of records matching an SQL condition on RESULT_COLUMNS (``where`` is code, never user input)."""
+        sql = "SELECT COUNT(*) FROM results" + (f" WHERE {where}" if where else "")
+        return int(self._db.execute(sql, tuple(params)).fetchone()[0])
+
+    def distinct_formulas(self, where: str = "") -> list[str]:
+        """The distinct formulas (of records matching ``where``), sorted; a screen has far fewer than records."""
+        sql = "SELECT DISTINCT formula FROM results WHERE formula IS NOT NULL" + (f" AND ({where})" if where else "")
+        return sorted(row[0] for row in self._db.execute(sql))
+
+    def columns(self, names: Sequence[str], where: str = "", params: Sequence[Any] = ()) -> Iterator[tuple]:
+        """Tuples of the given RESULT_COLUMNS of the records matching ``where``, in id order, through a cursor."""
+        unknown = [n for n in names if n not in RESULT_COLUMNS]
+        if unknown:
+            raise KeyError(f"unknown result columns {unknown}")
+        select = ", ".join(f'"{n}"' for n in names)
+        sql = f"SELECT {select} FROM results" + (f" WHERE {where}" if where else "") + ' ORDER BY "id"'
+        # a second connection: the caller may write through this one while the cursor is open
+        reader = sqlite3.connect(self.path)
+        try:
+            yield from reader.execute(sql, tuple(params))
+        finally:
+            reader.close()
+
+    def records(
+        self,
+        with_structures: bool = False,
+        where: str = "",
+        params: Sequence[Any] = (),
+        order_by: str = '"id"',
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Records in id order (or ``order_by``), all or those matching the SQL condition ``where`` (code, never
+        user input), through a cursor; ``stress`` decoded; ``structure`` read and decoded only if asked (it is
+        large)."""
+        names = RESULT_COLUMNS + ("stress",) + (("structure",) if with_structures else ())
+        sql = f"SELECT {', '.join(chr(34) + n + chr(34) for n in names)} FROM results"
+        sql += (
+            (f" WHERE {where}" if where else "") + f" ORDER BY {order_by}" + (f" LIMIT {int(limit)}" if limit else "")
         )
-        for row in cursor:
+        for row in self._db.execute(sql, tuple(params)):
             rec = dict(zip(names, row, strict=True))
             rec["converged"] = bool(rec["converged"]) if rec["converged"] is not None else None
             rec["stress"] = json.loads(rec["stress"]) if rec["stress"] else None
-            structure = rec.pop("structure")
             if with_structures:
-                rec["structure"] = json.loads(structure) if structure else None
+                rec["structure"] = json.loads(rec["structure"]) if rec["structure"] else None
             yield rec
 
-    def export_csv(self, path: str | Path) -> Path:
-        """Write results.csv (RESULT_COLUMNS; empty cell for a missing number)."""
+    def export_csv(
+        self,
+        path: str | Path,
+        extra_columns: Sequence[str] = (),
+        extra: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    ) -> Path:
+        """Write results.csv (RESULT_COLUMNS, then ``extra_columns`` filled by ``extra(record)``; empty cell for a
+        missing number), row by row."""
         path = Path(path)
+        columns = list(RESULT_COLUMNS) + [c for c in extra_columns if c not in RESULT_COLUMNS]
         with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for rec in self.records():
-                writer.writerow({k: ("" if rec.get(k) is None else rec[k]) for k in RESULT_COLUMNS})
+                row = {k: ("" if rec.get(k) is None else rec[k]) for k in RESULT_COLUMNS}
+                if extra is not None:
+                    row.update(extra(rec))
+                writer.writerow(row)
         return path

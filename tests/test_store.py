@@ -66,3 +66,33 @@ def test_a_store_from_before_the_new_columns_still_resumes(tmp_path):
         recs = {r["id"]: r for r in store.records()}
     assert recs["old"]["energy_per_atom"] == -4.0 and recs["old"]["warning"] is None
     assert recs["new"]["energy_per_atom"] == -4.2 and recs["new"]["warning"] == "w"
+
+
+def test_queries_that_let_a_large_screen_stream(tmp_path):
+    """Lookups of some ids, counts, column cursors that stay valid while writing, the screen-hull update and a
+    CSV with extra columns: what a 100,000-candidate screen uses instead of holding every record."""
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.write(
+            {"id": f"i{i:04d}", "formula": "GaAs" if i % 2 else "GaP", "status": "ok", "energy_per_atom": -4.0 - i}
+            for i in range(2000)
+        )
+        store.write([{"id": "bad", "formula": None, "status": "failed", "failure_reason": "rejected: x"}])
+        assert store.stored_ids(["i0001", "nope", "bad", *(f"i{i:04d}" for i in range(1000, 1990))]) == {
+            "i0001",
+            "bad",
+            *(f"i{i:04d}" for i in range(1000, 1990)),
+        }
+        assert store.count() == 2001 and store.count("status = ?", ("ok",)) == 2000
+        assert store.distinct_formulas() == ["GaAs", "GaP"]
+        # a cursor over the records while the same store is written through its own connection
+        seen = 0
+        for item_id, energy in store.columns(("id", "energy_per_atom"), "status = 'ok'"):
+            store.update_screen_hull({item_id: -energy})
+            seen += 1
+        assert seen == 2000
+        top = list(store.records(where="status = 'ok'", order_by='e_above_hull_screen, "id"', limit=2))
+        assert [r["id"] for r in top] == ["i0000", "i0001"] and top[0]["e_above_hull_screen"] == 4.0
+        assert "structure" not in top[0]
+        out = store.export_csv(tmp_path / "results.csv", ["extra"], lambda rec: {"extra": rec["id"].upper()})
+    rows = list(csv.DictReader(out.open()))
+    assert tuple(rows[0]) == (*RESULT_COLUMNS, "extra") and rows[0]["extra"] == "BAD" and len(rows) == 2001
