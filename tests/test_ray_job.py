@@ -155,6 +155,14 @@ def ray_head():
     assert not left, f"processes of this test's Ray head still running: {left}"
 
 
+def submit_job(address: str, env: dict, working_dir: Path, entrypoint: list[str], timeout: int):
+    """``ray job submit`` of ``entrypoint`` with ``working_dir`` shipped and one thread per process."""
+    runtime_env = '{"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}'
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(working_dir)]
+    command += ["--runtime-env-json", runtime_env, "--", *entrypoint]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_screen_runs_as_a_ray_job(ray_head, tmp_path):
     import mlflow
 
@@ -171,31 +179,11 @@ def test_screen_runs_as_a_ray_job(ray_head, tmp_path):
         "tracking": {"uri": tracking_uri, "experiment": "ray-job"},
     }
     (working_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    runtime_env = '{"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}'
-    job = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(working_dir),
-            "--runtime-env-json",
-            runtime_env,
-            "--",
-            "semidisc",
-            "screen",
-            "config.yaml",
-            "--limit",
-            "3",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    job = submit_job(
+        address,
+        env,
+        working_dir,
+        ["semidisc", "screen", "config.yaml", "--limit", "3", "--out", str(out), "--no-progress"],
         timeout=150,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -250,27 +238,11 @@ def test_one_ray_job_uses_both_environments(ray_head, tmp_path):
     working_dir = tmp_path / "job"
     working_dir.mkdir()
     (working_dir / "both.py").write_text(JOB_BOTH_ENVIRONMENTS)
-    runtime_env = '{"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}'
-    job = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(working_dir),
-            "--runtime-env-json",
-            runtime_env,
-            "--",
-            "python",
-            "both.py",
-            f"sqlite:///{tmp_path}/shared/mlflow.db",
-            str(tmp_path / "shared"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    job = submit_job(
+        address,
+        env,
+        working_dir,
+        ["python", "both.py", f"sqlite:///{tmp_path}/shared/mlflow.db", str(tmp_path / "shared")],
         timeout=300,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
