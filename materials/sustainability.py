@@ -25,7 +25,7 @@ import csv
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -310,3 +310,179 @@ def median_hhi_production(formulas: Sequence[str]) -> float:
     values.sort()
     mid = len(values) // 2
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+#: Band-gap window (eV) of a single-junction photovoltaic absorber (the ``sustainable_absorber`` preset's window),
+#: shaded on :func:`gap_supply_figure`.
+PV_GAP_WINDOW = (1.1, 1.8)
+
+
+def _table_number(value: Any) -> float | None:
+    """A number from a table cell (CSV string, DataFrame value); None for empty, ``unknown`` or NaN."""
+    if value is None or value == "" or value == UNKNOWN:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True)
+class StableCandidate:
+    """One stable candidate of :class:`SupplyRiskSummary` (values as in results.csv; None where missing)."""
+
+    id: str
+    formula: str
+    e_above_hull: float
+    gap: float | None
+    hhi_production: float | None
+    toxic_elements: tuple[str, ...]
+    low_supply_risk: bool
+
+
+@dataclass(frozen=True)
+class SupplyRiskSummary:
+    """The stable candidates of a screen split by what they cost the supply chain.
+
+    *Low supply risk* means: production HHI known and below ``hhi_median`` (the median over every successfully
+    relaxed candidate of the screen, the same "below the pool median" as the ``sustainable_absorber`` preset) and
+    no toxic element (:data:`TOXIC_ELEMENTS`). A candidate whose HHI is unknown is never counted as low risk.
+
+    Attributes:
+        stable_threshold: E_hull (eV/atom) at or below which a candidate counts as stable.
+        gap_column: the band-gap column read for each candidate (``gap_expt``; None values where absent).
+        hhi_median: median production HHI of the screen's relaxed candidates (None: no candidate has one).
+        n_relaxed: candidates with status ok; n_relaxed_hhi_unknown: those among them without a production HHI.
+        stable: every stable candidate, lowest E_hull first.
+    """
+
+    stable_threshold: float
+    gap_column: str
+    hhi_median: float | None
+    n_relaxed: int
+    n_relaxed_hhi_unknown: int
+    stable: tuple[StableCandidate, ...]
+
+    @property
+    def low_risk(self) -> tuple[StableCandidate, ...]:
+        return tuple(c for c in self.stable if c.low_supply_risk)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counts for a run record (MLflow metrics, JSON)."""
+        return {
+            "stable_threshold": self.stable_threshold,
+            "hhi_production_median": self.hhi_median,
+            "n_relaxed": self.n_relaxed,
+            "n_relaxed_hhi_unknown": self.n_relaxed_hhi_unknown,
+            "n_stable": len(self.stable),
+            "n_stable_low_supply_risk": len(self.low_risk),
+            "n_stable_toxic": sum(1 for c in self.stable if c.toxic_elements),
+            "n_stable_hhi_unknown": sum(1 for c in self.stable if c.hhi_production is None),
+            "n_stable_low_supply_risk_in_pv_window": sum(
+                1 for c in self.low_risk if c.gap is not None and PV_GAP_WINDOW[0] <= c.gap <= PV_GAP_WINDOW[1]
+            ),
+        }
+
+
+def supply_risk_summary(
+    rows: Iterable[dict[str, Any]], stable_threshold: float, gap_column: str = "gap_expt"
+) -> SupplyRiskSummary:
+    """Split a screen's stable candidates into low and higher supply risk (see :class:`SupplyRiskSummary`).
+
+    Args:
+        rows: results.csv rows (``csv.DictReader`` or ``DataFrame.to_dict("records")``): ``id``, ``formula``,
+            ``status``, ``e_above_hull`` (eV/atom), ``hhi_production``, ``toxic_elements`` and, if present,
+            ``gap_column`` (eV). Read once, keeping only the stable rows and one number per relaxed row.
+        stable_threshold: E_hull (eV/atom) at or below which a candidate is stable.
+    """
+    hhis: list[float] = []
+    n_relaxed = 0
+    stable: list[tuple[str, str, float, float | None, float | None, tuple[str, ...]]] = []
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        n_relaxed += 1
+        hhi = _table_number(row.get("hhi_production"))
+        if hhi is not None:
+            hhis.append(hhi)
+        e_hull = _table_number(row.get("e_above_hull"))
+        if e_hull is None or e_hull > stable_threshold:
+            continue
+        toxic = row.get("toxic_elements")
+        toxic = tuple(str(toxic).split()) if isinstance(toxic, str) else ()
+        stable.append(
+            (str(row.get("id")), str(row.get("formula")), e_hull, _table_number(row.get(gap_column)), hhi, toxic)
+        )
+    median = None
+    if hhis:
+        hhis.sort()
+        mid = len(hhis) // 2
+        median = hhis[mid] if len(hhis) % 2 else 0.5 * (hhis[mid - 1] + hhis[mid])
+    candidates = tuple(
+        StableCandidate(
+            id=i,
+            formula=f,
+            e_above_hull=e,
+            gap=g,
+            hhi_production=h,
+            toxic_elements=t,
+            low_supply_risk=median is not None and h is not None and h < median and not t,
+        )
+        for i, f, e, g, h, t in sorted(stable, key=lambda s: (s[2], s[0]))
+    )
+    return SupplyRiskSummary(
+        stable_threshold=stable_threshold,
+        gap_column=gap_column,
+        hhi_median=median,
+        n_relaxed=n_relaxed,
+        n_relaxed_hhi_unknown=n_relaxed - len(hhis),
+        stable=candidates,
+    )
+
+
+def gap_supply_figure(summary: SupplyRiskSummary, path: str | Path | None = None, label_top: int = 12):
+    """Band gap (y, eV) against production HHI (x) of the stable candidates: low supply risk (green), toxic
+    elements (red crosses), the rest (grey); the screen's HHI median as a dashed line and the single-junction PV
+    window (:data:`PV_GAP_WINDOW`) shaded. Candidates without a gap or an HHI are counted in the title, not drawn.
+
+    Returns the ``matplotlib.figure.Figure`` (saved to ``path`` when given); None when no stable candidate has
+    both numbers.
+    """
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+
+    drawn = [c for c in summary.stable if c.gap is not None and c.hhi_production is not None]
+    if not drawn:
+        return None
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    ax.axhspan(*PV_GAP_WINDOW, color="gold", alpha=0.18, label=f"PV window {PV_GAP_WINDOW[0]}-{PV_GAP_WINDOW[1]} eV")
+    groups = (
+        ("low supply risk", "tab:green", "o", [c for c in drawn if c.low_supply_risk]),
+        ("toxic element", "tab:red", "x", [c for c in drawn if c.toxic_elements]),
+        ("higher supply risk", "0.55", "o", [c for c in drawn if not c.low_supply_risk and not c.toxic_elements]),
+    )
+    for label, colour, marker, members in groups:
+        if members:
+            ax.scatter(
+                [c.hhi_production for c in members],
+                [c.gap for c in members],
+                c=colour,
+                marker=marker,
+                s=28,
+                label=f"{label} ({len(members)})",
+            )
+    if summary.hhi_median is not None:
+        ax.axvline(summary.hhi_median, color="k", ls="--", lw=1, label=f"screen median HHI {summary.hhi_median:.0f}")
+    for c in sorted(drawn, key=lambda c: (not c.low_supply_risk, c.e_above_hull))[:label_top]:
+        ax.annotate(c.formula, (c.hhi_production, c.gap), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    hidden = len(summary.stable) - len(drawn)
+    ax.set_xlabel("production HHI (supply concentration, 0-10,000)")
+    ax.set_ylabel(f"band gap, {summary.gap_column} (eV)")
+    title = f"{len(summary.stable)} stable candidates (E_hull <= {summary.stable_threshold} eV/atom)"
+    ax.set_title(title + (f"; {hidden} without gap or HHI not drawn" if hidden else ""), fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -39,9 +39,28 @@ def _print_summary(summary) -> None:
             print(f"  {r['id']:34s} {r['formula']:12s} {r['e_above_hull']:8.3f}")
     if summary.n_warnings:
         print(f"{summary.n_warnings} rows carry a warning (column 'warning' of results.csv)")
+    _print_supply(summary)
     print(f"\nresults: {summary.out_dir / 'results.csv'}")
     if summary.mlflow_run_id:
         print(f"MLflow run: {summary.mlflow_run_id}")
+
+
+def _print_supply(summary) -> None:
+    """The stable candidates with low supply risk beside the rest (supply_risk.json, gap_vs_supply_risk.png)."""
+    supply = summary.supply
+    if supply is None or not supply.stable or supply.hhi_median is None:
+        return
+    counts = supply.as_dict()
+    print(
+        f"\nsupply chain: {counts['n_stable_low_supply_risk']} of {counts['n_stable']} stable candidates have low "
+        f"supply risk (production HHI below the screen median {supply.hhi_median:.0f}, no toxic element); "
+        f"{counts['n_stable_toxic']} contain a toxic element, {counts['n_stable_hhi_unknown']} have no HHI data"
+    )
+    for c in supply.low_risk[:10]:
+        gap = "" if c.gap is None else f"gap {c.gap:.2f} eV"
+        print(f"  {c.id:34s} {c.formula:12s} {c.e_above_hull:8.3f}  HHI {c.hhi_production:5.0f}  {gap}")
+    if (summary.out_dir / "gap_vs_supply_risk.png").is_file():
+        print(f"plot: {summary.out_dir / 'gap_vs_supply_risk.png'}")
 
 
 def cmd_screen(args: argparse.Namespace) -> int:

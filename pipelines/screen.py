@@ -5,6 +5,7 @@ Results are written to ``<out>/results.sqlite`` as each chunk finishes; ``resume
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
@@ -34,7 +35,13 @@ from materials.stability import (
     shipped_element_offsets,
 )
 from materials.structures import STRUCTURE_SUFFIXES, StructureCheckError, is_structure_file, read_structure
-from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
+from materials.sustainability import (
+    SUSTAINABILITY_COLUMNS,
+    SupplyRiskSummary,
+    gap_supply_figure,
+    supply_risk_summary,
+    sustainability_rows,
+)
 from pipelines.config import ScreenConfig
 from pipelines.environments import check_potential
 from pipelines.execution import WorkItem, init_ray, make_workers, run_chunks
@@ -68,6 +75,8 @@ class ScreenSummary:
     #: (first dispatch to last result), ``write_seconds`` (storing results and writing CIF files),
     #: ``stability_seconds``, ``csv_seconds``, ``total_seconds``; ``chunks``: [s since dispatch start, items] per chunk
     timings: dict[str, Any] = field(default_factory=dict)
+    #: the stable candidates split by supply risk (``materials.sustainability.SupplyRiskSummary``; None: no rows)
+    supply: SupplyRiskSummary | None = None
 
 
 def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int | None) -> str:
@@ -312,6 +321,32 @@ def _write_results_csv(store: ResultStore, path: Path, timings: dict[str, Any] |
     return store.export_csv(path, columns, cells)
 
 
+def _supply_report(csv_path: Path, stable_threshold: float, out: Path) -> SupplyRiskSummary:
+    """The stable candidates of results.csv split by supply risk (read row by row): ``supply_risk.json`` (counts
+    and the low-risk candidates) and the plot ``gap_vs_supply_risk.png`` (when any stable candidate has a gap and
+    an HHI; an older one is removed otherwise)."""
+    with csv_path.open(newline="") as handle:
+        summary = supply_risk_summary(csv.DictReader(handle), stable_threshold)
+    report = summary.as_dict() | {
+        "definition": "stable, production HHI below the screen median, no toxic element",
+        "low_supply_risk": [
+            {
+                "id": c.id,
+                "formula": c.formula,
+                "e_above_hull": c.e_above_hull,
+                "gap_expt": c.gap,
+                "hhi_production": c.hhi_production,
+            }
+            for c in summary.low_risk
+        ],
+    }
+    (out / "supply_risk.json").write_text(json.dumps(report, indent=1))
+    plot = out / "gap_vs_supply_risk.png"
+    if gap_supply_figure(summary, plot) is None:
+        plot.unlink(missing_ok=True)
+    return summary
+
+
 def _gap_cell(value: Any) -> Any:
     """As ``pipelines.train_gap.add_gap_columns`` writes a predicted number: 4 decimals, empty for NaN/None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -529,6 +564,7 @@ def run_screen(
         t2 = time.perf_counter()
         csv_path = _write_results_csv(store, out / "results.csv", timings)
         timings.update(reference_table_seconds=t1 - t0, stability_seconds=t2 - t1, csv_seconds=time.perf_counter() - t2)
+        supply = _supply_report(csv_path, config.stability.stable_threshold, out)
         # the summary from SQL queries: no list of every record in memory
         n_records = len(store)
         n_ok = store.count("status = 'ok'")
@@ -563,8 +599,16 @@ def run_screen(
                 "seconds": seconds,
                 "relax_seconds": relax_seconds,
                 "throughput_structures_per_s": n_todo / relax_seconds if n_todo and relax_seconds > 0 else 0.0,
+                **{
+                    f"supply_{k}": v
+                    for k, v in supply.as_dict().items()
+                    if k not in ("stable_threshold", "n_stable", "n_relaxed") and v is not None
+                },
             }
         )
+        tracker.log_artifact(out / "supply_risk.json")
+        if (out / "gap_vs_supply_risk.png").is_file():
+            tracker.log_artifact(out / "gap_vs_supply_risk.png")
         tracker.log_artifact(csv_path)
         tracker.log_artifact(out / "config.yaml")
         tracker.log_artifact(out / "reference_energies.json")
@@ -594,6 +638,7 @@ def run_screen(
             below,
             n_warnings,
             timings,
+            supply,
         )
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
         status = "KILLED"

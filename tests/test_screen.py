@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import sqlite3
@@ -87,6 +88,20 @@ def test_screen_end_to_end_with_mlflow(tmp_path):
     assert len(run.data.tags["potential_weights_hash"]) == 16
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.mlflow_run_id)}
     assert {"results.csv", "config.yaml", "e_above_hull.png", "stable_structures"} <= artifacts
+    # the supply-chain split of the stable candidates: median HHI over the 6 relaxed rows; As is toxic, so the
+    # arsenides are never low risk whatever their HHI
+    hhis = sorted(float(r["hhi_production"]) for r in rows.values())
+    supply = summary.supply
+    assert supply.hhi_median == pytest.approx((hhis[2] + hhis[3]) / 2)
+    stable = {k for k, r in rows.items() if float(r["e_above_hull"]) <= config.stability.stable_threshold}
+    assert {c.id for c in supply.stable} == stable
+    low = {k for k in stable if float(rows[k]["hhi_production"]) < supply.hhi_median and not rows[k]["toxic_elements"]}
+    assert {c.id for c in supply.low_risk} == low and not {"zincblende-GaAs", "zincblende-InAs"} & low
+    assert run.data.metrics["supply_n_stable_low_supply_risk"] == len(low)
+    assert run.data.metrics["supply_hhi_production_median"] == pytest.approx(supply.hhi_median)
+    assert {"supply_risk.json", "gap_vs_supply_risk.png"} <= artifacts
+    report = json.loads((tmp_path / "out" / "supply_risk.json").read_text())
+    assert [r["id"] for r in report["low_supply_risk"]] == [c.id for c in supply.low_risk]
 
     # a second run in the same folder must not silently redo or mix results
     with pytest.raises(ResumeError, match="--resume"):

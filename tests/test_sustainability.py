@@ -10,6 +10,8 @@ from materials.sustainability import (
     UNKNOWN,
     SustainabilityDescriptors,
     critical_raw_materials,
+    gap_supply_figure,
+    supply_risk_summary,
     sustainability_descriptors,
 )
 
@@ -89,3 +91,34 @@ def test_predict_gap_output_carries_the_supply_chain_columns(tmp_path):
     assert rows[2]["hhi_production"] == "" and rows[2]["error"]  # unreadable: no numbers, the reason given
     frame = predict_gaps(["GaAs", "NpO2"])
     assert frame.loc[0, "critical_raw_materials"] == "As Ga" and frame.loc[1, "cost_per_kg"] == UNKNOWN
+
+
+def test_supply_risk_summary_splits_the_stable_candidates():
+    """Median over every relaxed row with an HHI (failed rows and unknown HHI left out); low risk = stable, HHI
+    below that median, no toxic element; unknown HHI is never low risk; rows read as results.csv strings."""
+    rows = [
+        {"id": "a", "formula": "ZnS", "status": "ok", "e_above_hull": "0.0", "hhi_production": "1000",
+         "toxic_elements": "", "gap_expt": "3.6"},
+        {"id": "b", "formula": "CdTe", "status": "ok", "e_above_hull": "-0.01", "hhi_production": "1500",
+         "toxic_elements": "Cd", "gap_expt": "1.5"},
+        {"id": "c", "formula": "GaP", "status": "ok", "e_above_hull": "0.02", "hhi_production": "5000",
+         "toxic_elements": "", "gap_expt": "2.3"},
+        {"id": "d", "formula": "TcO2", "status": "ok", "e_above_hull": "0.01", "hhi_production": UNKNOWN,
+         "toxic_elements": "", "gap_expt": ""},
+        {"id": "e", "formula": "ZnO", "status": "ok", "e_above_hull": "0.30", "hhi_production": "2000",
+         "toxic_elements": "", "gap_expt": "3.3"},
+        {"id": "f", "formula": "Cu", "status": "failed", "e_above_hull": "", "hhi_production": "1",
+         "toxic_elements": "", "gap_expt": ""},
+    ]  # fmt: skip
+    summary = supply_risk_summary(rows, stable_threshold=0.05)
+    assert summary.hhi_median == pytest.approx(1750.0)  # 1000, 1500, 2000, 5000
+    assert [c.id for c in summary.stable] == ["b", "a", "d", "c"]  # lowest E_hull first
+    assert [c.id for c in summary.low_risk] == ["a"]
+    counts = summary.as_dict()
+    assert counts["n_relaxed"] == 5 and counts["n_relaxed_hhi_unknown"] == 1
+    assert counts["n_stable_toxic"] == 1 and counts["n_stable_hhi_unknown"] == 1
+    assert counts["n_stable_low_supply_risk_in_pv_window"] == 0  # ZnS at 3.6 eV is outside 1.1-1.8
+    figure = gap_supply_figure(summary)
+    assert figure is not None and len(figure.axes[0].collections) == 3  # low risk, toxic, the rest
+    assert supply_risk_summary(rows[3:4], 0.05).hhi_median is None
+    assert gap_supply_figure(supply_risk_summary(rows[3:4], 0.05)) is None  # nothing drawable
