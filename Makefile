@@ -19,11 +19,13 @@ SEVENNET_VENV ?= .venv-sevennet
 SEVENNET_STAMP := $(SEVENNET_VENV)/.semidisc-setup
 SEVENNET_SHARED := torch|ray|pymatgen|pymatgen-core|ase|numpy|scipy|pydantic|pydantic-core|torch-sim-atomistic|pyyaml|tqdm|smact
 
-.PHONY: setup setup-sevennet demo test bench lint clean
+.PHONY: setup setup-sevennet demo test test-fast lint lock bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# requirements.lock: the exact versions of everything but torch (pip freeze of a working venv; `make lock` after a
+# dependency change). CC=g++: GPAW's C++ sources do not build with cc.
+$(STAMP): pyproject.toml Makefile requirements.lock
 	@if command -v apt-get >/dev/null && ! dpkg -s libxc-dev libopenblas-dev >/dev/null 2>&1; then \
 		echo "installing GPAW's system libraries (libxc-dev libopenblas-dev)"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libxc-dev libopenblas-dev; fi
@@ -31,11 +33,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt gpaw-data
-	CC=g++ $(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dft]"
+	CC=g++ $(PY) -m pip install -q -c $(VENV)/constraints.txt -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e ".[dev,dft]"
 	$(PY) -m pip check
 	touch $(STAMP)
+
+# Re-resolve from pyproject.toml (newest versions it allows) and write requirements.lock from the result.
+lock:
+	rm -rf $(VENV)-lock && python3 -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install -q --upgrade pip
+	$(VENV)-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV)-lock/bin/python -m pip freeze | grep -i '^torch==' > $(VENV)-lock/constraints.txt
+	CC=g++ $(VENV)-lock/bin/python -m pip install -q -c $(VENV)-lock/constraints.txt -e ".[dev,dft]"
+	{ sed -n '1,2p' requirements.lock; $(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -viE '^torch=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf $(VENV)-lock
 
 setup-sevennet: $(SEVENNET_STAMP)
 
@@ -53,8 +64,13 @@ $(SEVENNET_STAMP): $(STAMP) requirements-sevennet.txt
 demo: setup
 	$(VENV)/bin/semidisc screen configs/quickstart.yaml --resume
 
-test: setup setup-sevennet
-	$(PY) -m pytest -q -ra
+# CI runs `make test`: lint first (seconds), then the whole suite (~30 min on 2 cores).
+test: setup setup-sevennet lint
+	$(PY) -m pytest -q -ra --durations=15
+
+# The edit-test loop: everything not marked slow (no end-to-end Ray/MLflow runs, no notebooks).
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" --durations=10
 
 bench: setup setup-sevennet
 	$(PY) benchmarks/screen_overhead.py
@@ -63,7 +79,8 @@ bench: setup setup-sevennet
 	$(PY) benchmarks/bo_perovskites.py
 	$(PY) benchmarks/bo_sustainable.py --save benchmarks/results/bo_sustainable.json
 	$(PY) benchmarks/dft_gaps.py
-	$(PY) benchmarks/dft_magnetic.py --ecut 400 --kpoint-density 1.5
+	$(PY) benchmarks/dft_magnetic.py --fit-u --ecut 400 --kpoint-density 1.5 --out runs/bench/dft_u_fit
+	$(PY) benchmarks/dft_magnetic.py --ecut 400 --kpoint-density 1.5 --out runs/bench/dft_magnetic
 	$(PY) benchmarks/bandgap_accuracy.py
 	$(PY) benchmarks/finetune_gain.py
 	$(PY) benchmarks/potential_comparison.py --save benchmarks/results/potential_comparison.json

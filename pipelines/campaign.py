@@ -217,6 +217,7 @@ def campaign_fingerprint(config: CampaignConfig) -> str:
         ("dft", "magnetic_order", "lowest"),
         ("dft", "hubbard_u", "mp"),
         ("dft", "mp2020", True),
+        ("dft", "u_corrections", "gpaw"),
         ("objective", "supply_axis", False),
     )
     for section, key, default in added_later:

@@ -46,6 +46,7 @@ DFT_COLUMNS = (
     "c",
     "volume_per_atom",
     "band_gap",
+    "scf_gap",
     "gap_ks",
     "gap_discontinuity",
     "gap_functional",
@@ -161,14 +162,50 @@ def _dft_task(
             if ordering == "NM":  # every moment vanished: the rest needs no second spin channel
                 structure.remove_site_property("magmom")
                 run_settings = replace(settings, spinpol=False)
+    # a ground state found only with the orbital symmetry broken (FeO) is kept that way in every later SCF
+    broken = ground is not None and ground.symmetry_broken
     if ground is not None and (ground.status != "ok" or not (do_relax or do_gap)):
         result = ground
     elif do_relax:
-        result = dft.relax(structure, run_settings, item_id=item.id, log_path=log, on_step=recorder)
+        result = dft.relax(
+            structure, run_settings, item_id=item.id, log_path=log, on_step=recorder, break_symmetry=broken
+        )
     elif do_gap and not separate_gap:
-        result = dft.band_gap(structure, run_settings, item_id=item.id, log_path=log)
+        result = dft.band_gap(structure, run_settings, item_id=item.id, log_path=log, break_symmetry=broken)
     else:
-        result = dft.single_point(structure, run_settings, item_id=item.id, log_path=log)
+        result = dft.single_point(structure, run_settings, item_id=item.id, log_path=log, break_symmetry=broken)
+    if (
+        ground is not None
+        and result is not ground
+        and not do_relax
+        and not broken
+        and result.status == "ok"
+        and result.energy_per_atom > ground.energy_per_atom + dft.SCF_STATE_TOLERANCE
+    ):
+        # same geometry, higher energy: this SCF fell into a metastable state the ground-state search did not
+        # (FeO's metal); redo it from a symmetry-broken start and keep the lower
+        task = dft.band_gap if result.task == "band_gap" else dft.single_point
+        retry = task(
+            structure,
+            run_settings,
+            item_id=item.id,
+            log_path=log.with_name(f"{item.id}_broken.txt"),
+            break_symmetry=True,
+        )
+        excess = result.energy_per_atom - ground.energy_per_atom
+        if retry.status == "ok" and retry.energy_per_atom < result.energy_per_atom:
+            retry.notes.insert(
+                0,
+                f"the {result.task} SCF ended {excess:+.4f} eV/atom above the magnetic ground state; redone from a "
+                f"symmetry-broken start: {retry.energy_per_atom - ground.energy_per_atom:+.4f} eV/atom",
+            )
+            result = retry
+        else:
+            result.notes.append(
+                f"the {result.task} SCF ended {excess:+.4f} eV/atom above the magnetic ground state (a metastable "
+                "state); a symmetry-broken retry did not go lower"
+                + (f": {retry.failure_reason}" if retry.status != "ok" else "")
+            )
     if run_settings is not settings:  # NM: the same science as asked (spinpol automatic), one spin channel
         result.settings_hash = dft.settings_hash(settings)
     if ordering:
@@ -176,7 +213,11 @@ def _dft_task(
         result.notes[:0] = ordering_notes
     if separate_gap and result.status == "ok":
         gap = dft.band_gap(
-            result.structure, run_settings, item_id=item.id, log_path=log.with_name(f"{item.id}_gap.txt")
+            result.structure,
+            run_settings,
+            item_id=item.id,
+            log_path=log.with_name(f"{item.id}_gap.txt"),
+            break_symmetry=broken,
         )
         result.seconds += gap.seconds
         if gap.status == "ok":
@@ -198,6 +239,7 @@ def _dft_task(
                 result.mp2020_correction_per_atom = dft.mp2020_correction_per_atom(
                     result.structure.composition, settings, result.hubbard_u
                 )
+                result.notes.extend(dft.u_correction_notes(result.structure.composition, settings, result.hubbard_u))
         except (ValueError, dft.DFTReferenceError) as exc:
             result.notes.append(f"no formation energy: {exc}")
     out = result.as_dict()
