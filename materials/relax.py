@@ -41,12 +41,12 @@ class RelaxSettings:
             memory (CUDA only).
     """
 
-    fmax: float = 0.05
-    max_steps: int = 300
+    fmax: float = Field(default=0.05, gt=0)
+    max_steps: int = Field(default=300, ge=1)
     relax_cell: bool = True
-    max_volume_factor: float = 3.0
+    max_volume_factor: float = Field(default=3.0, gt=1)
     min_energy_per_atom: float = -25.0
-    min_distance: float = 0.6
+    min_distance: float = Field(default=0.6, ge=0)
     batched: bool = False
     batch_max_atoms: int | None = Field(default=512, ge=1)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
@@ -38,10 +38,17 @@ class CheckSettings:
         max_atoms: largest cell accepted, atoms.
     """
 
-    min_distance: float = 0.7
-    min_volume_per_atom: float = 2.0
-    max_volume_per_atom: float = 150.0
-    max_atoms: int = 200
+    min_distance: float = Field(default=0.7, gt=0)
+    min_volume_per_atom: float = Field(default=2.0, gt=0)
+    max_volume_per_atom: float = Field(default=150.0, gt=0)
+    max_atoms: int = Field(default=200, ge=1)
+
+    def __post_init__(self) -> None:
+        if self.max_volume_per_atom <= self.min_volume_per_atom:
+            raise InputError(
+                f"checks: max_volume_per_atom={self.max_volume_per_atom} must exceed "
+                f"min_volume_per_atom={self.min_volume_per_atom} (Å^3/atom)"
+            )
 
 
 @dataclass

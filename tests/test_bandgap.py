@@ -103,6 +103,7 @@ def test_bad_formulas_raise_naming_the_problem(formula, fragment):
         composition_graph(formula)
 
 
+@pytest.mark.slow
 def test_tiny_training_beats_the_mean_and_is_deterministic(mp_sample):
     train, test = mp_sample
     assert len(train) > 400 and len(test) > 60
@@ -169,6 +170,7 @@ def test_anchored_finetune_raises_gaps_to_the_pbe_bound(mp_sample):
     assert shortfall[5.0] < 0.5 * shortfall[0.0], shortfall
 
 
+@pytest.mark.slow
 def test_anchor_set_holds_pbe_nonmetals_outside_the_experimental_set():
     from pipelines.train_gap import BandGapConfig, build_datasets
 

@@ -68,6 +68,7 @@ def assert_same_relaxation(ase_results, batched_results, fmax):
         assert b.max_force < fmax and b.n_atoms == a.n_atoms and b.formula == a.formula
 
 
+@pytest.mark.slow
 def test_mace_batched_matches_ase(tiny_mace):
     calculator, model = tiny_mace
     settings = RelaxSettings(fmax=0.02, max_steps=300)
@@ -81,6 +82,7 @@ def test_mace_batched_matches_ase(tiny_mace):
     assert log.n_calls < sum(r.steps for r in ase_results)  # fewer model calls than the ASE loop
 
 
+@pytest.mark.slow
 def test_chgnet_batched_matches_ase(chgnet_calc):
     model = batched_model(PotentialSpec(name="chgnet"), chgnet_calc)
     settings = RelaxSettings(fmax=0.05, max_steps=200)

@@ -28,6 +28,22 @@ def test_wrong_value_is_named():
         parse_config({"ray": {"num_workers": 0}})
 
 
+@pytest.mark.parametrize(
+    "section, values, field",
+    [
+        ("relax", {"fmax": -1}, r"relax\.fmax: Input should be greater than 0"),
+        ("relax", {"max_steps": 0}, r"relax\.max_steps: Input should be greater than or equal to 1"),
+        ("relax", {"max_volume_factor": 0.5}, r"relax\.max_volume_factor"),
+        ("checks", {"min_distance": -1}, r"checks\.min_distance: Input should be greater than 0"),
+        ("checks", {"max_atoms": 0}, r"checks\.max_atoms"),
+        ("checks", {"min_volume_per_atom": 10, "max_volume_per_atom": 5}, r"must exceed min_volume_per_atom"),
+    ],
+)
+def test_out_of_range_settings_are_refused_with_their_name(section, values, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_config({section: values})
+
+
 def test_unknown_prototype_is_named():
     with pytest.raises(ConfigError, match="unknown prototype 'zincblend'"):
         parse_config({"candidates": {"prototypes": {"zincblend": [["Ga"], ["As"]]}}})

@@ -73,6 +73,7 @@ def test_every_error_class_has_one_base_and_an_exit_code():
             assert cls.exit_code == 1 and issubclass(cls, RuntimeError), name
 
 
+@pytest.mark.slow
 def test_unknown_potential_fails_at_once_and_a_corrected_rerun_reuses_the_folder(tmp_path, cu_folder, capsys):
     import ray
 

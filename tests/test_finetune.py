@@ -120,6 +120,7 @@ def finetuned(tmp_path_factory):
     return config, run_finetune(config, out_dir=tmp / "out"), tmp
 
 
+@pytest.mark.slow
 def test_finetuning_lowers_error_on_training_chemistry(finetuned):
     _, summary, _ = finetuned
     parent, tuned = summary.metrics["parent"], summary.metrics["finetuned"]
@@ -130,6 +131,7 @@ def test_finetuning_lowers_error_on_training_chemistry(finetuned):
     assert summary.metrics["emt"]["heldout"]["force_rmse"] < 1e-6  # the labels' own method
 
 
+@pytest.mark.slow
 def test_registered_model_loads_and_screens(finetuned, tmp_path):
     import mlflow
 

@@ -142,7 +142,9 @@ def test_greedy_picks_the_posterior_mean_argmax():
     assert set(proposal.model_info) >= {"lengthscale_median", "noise", "outputscale"}
 
 
-@pytest.mark.parametrize("method", ["bo", "bo-hit", "bo-hit-raw", "bo-pareto", "greedy", "random"])
+@pytest.mark.parametrize(
+    "method", ["bo", "bo-hit", "bo-hit-raw", pytest.param("bo-pareto", marks=pytest.mark.slow), "greedy", "random"]
+)
 def test_methods_never_repropose_evaluated_indices(method):
     settings = FAST
     if method == "bo-hit-raw":  # P(hit) from GPs of the raw labels instead of their clipped margins
@@ -393,6 +395,7 @@ def test_forest_surrogate_finds_the_hit_element_and_is_seeded():
         AcquisitionSettings(surrogate="forest", forest_max_features=0.0)
 
 
+@pytest.mark.slow
 def test_known_objective_is_a_third_pareto_axis():
     """Twins with the same features and labels but a low or a high known cost (e.g. production HHI): with the cost
     as a known objective, qLogNEHVI proposes the cheap twins; without it, it cannot tell them apart."""
