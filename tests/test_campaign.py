@@ -208,7 +208,7 @@ def test_forest_surrogate_campaign_with_oxidation_features(pool_csv, tmp_path):
         mode="json", exclude={"ray", "tracking", "output_dir", "name", "finetune", "finetune_every"}
     )
     del science["pool"]["oxidation"], science["optimizer"]["surrogate"]
-    for key in ("magnetic_order", "hubbard_u", "mp2020"):  # DFT settings added with magnetism and +U
+    for key in ("magnetic_order", "hubbard_u", "mp2020", "u_corrections"):  # DFT settings added with magnetism, +U
         del science["dft"][key]
     science["dft"]["spinpol"] = False  # the default before the automatic spin rule
     del science["objective"]["supply_axis"], science["constraints"], science["preset"]  # added with sustainability
