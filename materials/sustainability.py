@@ -34,7 +34,7 @@ from typing import Any
 from pymatgen.core import Composition, Element
 
 from materials.errors import InputError
-from materials.reference import read_text_file
+from materials.reference import finite_float, read_text_file
 
 DATA = Path(__file__).parent / "data"
 #: Elements restricted for toxicity (see the module docstring for the sources).
@@ -317,17 +317,6 @@ def median_hhi_production(formulas: Sequence[str]) -> float:
 PV_GAP_WINDOW = (1.1, 1.8)
 
 
-def _table_number(value: Any) -> float | None:
-    """A number from a table cell (CSV string, DataFrame value); None for empty, ``unknown`` or NaN."""
-    if value is None or value == "" or value == UNKNOWN:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 @dataclass(frozen=True)
 class StableCandidate:
     """One stable candidate of :class:`SupplyRiskSummary` (values as in results.csv; None where missing)."""
@@ -403,16 +392,16 @@ def supply_risk_summary(
         if row.get("status") != "ok":
             continue
         n_relaxed += 1
-        hhi = _table_number(row.get("hhi_production"))
+        hhi = finite_float(row.get("hhi_production"))
         if hhi is not None:
             hhis.append(hhi)
-        e_hull = _table_number(row.get("e_above_hull"))
+        e_hull = finite_float(row.get("e_above_hull"))
         if e_hull is None or e_hull > stable_threshold:
             continue
         toxic = row.get("toxic_elements")
         toxic = tuple(str(toxic).split()) if isinstance(toxic, str) else ()
         stable.append(
-            (str(row.get("id")), str(row.get("formula")), e_hull, _table_number(row.get(gap_column)), hhi, toxic)
+            (str(row.get("id")), str(row.get("formula")), e_hull, finite_float(row.get(gap_column)), hhi, toxic)
         )
     median = None
     if hhis:
