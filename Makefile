@@ -58,7 +58,7 @@ $(SEVENNET_STAMP): $(STAMP) requirements-sevennet.txt
 	$(SEVENNET_VENV)/bin/python -m pip install -q -c $(SEVENNET_VENV)/constraints.txt -r requirements-sevennet.txt
 	$(SEVENNET_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(SEVENNET_VENV)/bin/python -m pip check | { ! grep -viE '^semidisc |^No broken'; }  # the project's own deps (mace, chgnet, ...) are not meant to be here
-	$(SEVENNET_VENV)/bin/python -c "import sevenn, materials.potentials; print('sevennet venv ready: sevenn', sevenn.__version__)"
+	$(SEVENNET_VENV)/bin/python -c "import sevenn, materials.potentials.calculators; print('sevennet venv ready: sevenn', sevenn.__version__)"
 	touch $(SEVENNET_STAMP)
 
 demo: setup

@@ -50,14 +50,14 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from materials.bandgap import (  # noqa: E402
+from materials.datasets.reference_data import load_reference  # noqa: E402
+from materials.ml.bandgap import (  # noqa: E402
     GapDataset,
     GapEnsemble,
     combine_members,
     gap_metrics,
     shipped_model_path,
 )
-from materials.reference import load_reference  # noqa: E402
 from pipelines.train_gap import (  # noqa: E402
     BandGapConfig,
     build_datasets,

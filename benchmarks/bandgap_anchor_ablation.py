@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from materials.bandgap import (  # noqa: E402
+from materials.ml.bandgap import (  # noqa: E402
     METAL_THRESHOLD,
     GapNet,
     combine_members,

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
-from materials.optimize import WindowObjective  # noqa: E402
+from materials.bo.optimize import WindowObjective  # noqa: E402
 from pipelines.bo_benchmark import format_report, load_labelled_pool, report_json, run_benchmark, trace_plot  # noqa: E402
 
 POOL = Path(__file__).resolve().parents[1] / "materials" / "data" / "emery2017_abo3_perovskites.csv.gz"

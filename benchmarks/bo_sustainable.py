@@ -1,6 +1,6 @@
 """Sustainable PV absorbers among the Emery 2017 ABO3 perovskites: BO with the supply-risk constraint vs random.
 
-A hit: PBE gap 1-2 eV, e_hull <= 0.05 eV/atom, and production HHI (materials.sustainability, mass-weighted,
+A hit: PBE gap 1-2 eV, e_hull <= 0.05 eV/atom, and production HHI (materials.datasets.sustainability, mass-weighted,
 Gaultois 2013 data) below the pool's median. The HHI is known from the formula before any evaluation, so the
 campaign applies it as a constraint (``constraints.hhi_production_max: median``): the pool shrinks to the
 candidates below the median, and bo-hit (random-forest surrogate, sites + oxidation features, q=5, n_init=10,
@@ -30,8 +30,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from materials.optimize import WindowObjective, expected_random_evaluations  # noqa: E402
-from materials.sustainability import median_hhi_production, sustainability_descriptors  # noqa: E402
+from materials.bo.optimize import WindowObjective, expected_random_evaluations  # noqa: E402
+from materials.datasets.sustainability import median_hhi_production, sustainability_descriptors  # noqa: E402
 from pipelines.bo_benchmark import load_labelled_pool, run_benchmark  # noqa: E402
 
 POOL = Path(__file__).resolve().parents[1] / "materials" / "data" / "emery2017_abo3_perovskites.csv.gz"

@@ -3,19 +3,19 @@
 For each compound (the polymorph its Borlido Materials Project id names: diamond, zincblende, rocksalt or
 wurtzite), built at its experimental room-temperature geometry:
 
-  (a) GPAW PBE relaxation (positions + cell, ``materials.dft.relax``) from the experimental geometry: a, c (Å);
-  (b) the PBE band gap at the *experimental* geometry (``materials.dft.band_gap``): the number to compare with
+  (a) GPAW PBE relaxation (positions + cell, ``materials.dft.gpaw.relax``) from the experimental geometry: a, c (Å);
+  (b) the PBE band gap at the *experimental* geometry (``materials.dft.gpaw.band_gap``): the number to compare with
       Borlido's ``PBE`` column, which was computed at experimental (ICSD) lattice constants;
   (c) the PBE band gap at the PBE-relaxed geometry (reported only: PBE overestimates lattice constants by
       ~1%, which closes gaps further; GaAs goes from ~0.59 eV at the experimental a to ~0.15 eV relaxed);
-  (d) a CHGNet relaxation from the same start (``materials.relax.relax_structure``), to compare the ML
+  (d) a CHGNet relaxation from the same start (``materials.potentials.relax.relax_structure``), to compare the ML
       potential's lattice constants with GPAW's;
   (e) with ``--functionals pbe,gllbsc``: the GLLB-SC band gap at the experimental geometry (``band_gap`` with
       ``gap_functional="gllbsc"``: Kohn-Sham gap of the GLLB-SC potential + derivative discontinuity, same
       cutoff, k-grid and band path as (b)), against Borlido's ``Experimental`` column, with the seconds of the
       PBE and GLLB-SC gap runs side by side.
 
-Metrics (``materials.validation.regression_metrics``, errors = computed - reference): gap (b) vs Borlido
+Metrics (``materials.datasets.validation.regression_metrics``, errors = computed - reference): gap (b) vs Borlido
 ``PBE`` (goal MAE <= 0.15 eV), gap (b) vs Borlido ``Experimental`` (~1 eV expected: the PBE band-gap problem),
 gap (c) vs both, and lattice constants GPAW vs experiment, CHGNet vs experiment and CHGNet vs GPAW. With GLLB-SC:
 gap (e) vs experiment next to gap (b) vs experiment on the same compounds (goal: GLLB-SC MAE at most half of
@@ -70,9 +70,9 @@ from ase import Atoms  # noqa: E402
 from ase.build import bulk  # noqa: E402
 from pymatgen.core import Structure  # noqa: E402
 
-from materials.dft import DFTSettings, band_gap, relax  # noqa: E402
-from materials.reference import load_reference  # noqa: E402
-from materials.validation import parity_plot, regression_metrics  # noqa: E402
+from materials.datasets.reference_data import load_reference  # noqa: E402
+from materials.datasets.validation import parity_plot, regression_metrics  # noqa: E402
+from materials.dft.gpaw import DFTSettings, band_gap, relax  # noqa: E402
 
 #: Elements whose PAW setups need a high cutoff for a converged stress (see the module docstring).
 HARD_ELEMENTS = frozenset({"N", "O", "F"})
@@ -247,7 +247,7 @@ def run_compound(
                 failures.append(f"band_gap (relaxed): {gap_rel.failure_reason}")
             log(f"  {name}: gap at PBE geometry {gap_rel.band_gap:.3f} eV ({gap_rel.seconds:.0f} s)")
     if chgnet is not None:
-        from materials.relax import RelaxSettings, relax_structure
+        from materials.potentials.relax import RelaxSettings, relax_structure
 
         res = relax_structure(atoms, chgnet, RelaxSettings(fmax=0.01, max_steps=500), item_id=f"{name}-chgnet")
         if res.status == "ok":
@@ -387,7 +387,7 @@ def measure(args: argparse.Namespace, log) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(1)
-        from materials.potentials import load_potential
+        from materials.potentials.calculators import load_potential
 
         with contextlib.redirect_stdout(sys.stderr):  # CHGNet prints its banner; stdout stays clean for --json
             chgnet = load_potential("chgnet")

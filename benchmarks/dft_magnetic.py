@@ -4,8 +4,8 @@ For MnO, FeO, CoO, NiO (rocksalt) and ZnO (wurtzite, the non-magnetic control), 
 primitive cell (2 or 4 atoms) at the experimental room-temperature geometry, the DFT task of ``semidisc dft``
 (``pipelines.dft_run._dft_task``, band gap on, no relaxation) does what a user's run does:
 
-  * spin polarisation automatically for the magnetic elements (``materials.dft.MAGNETIC_ELEMENTS``), the
-    ferromagnetic and the simplest antiferromagnetic orderings (``materials.dft.magnetic_orderings``: for a
+  * spin polarisation automatically for the magnetic elements (``materials.dft.gpaw.MAGNETIC_ELEMENTS``), the
+    ferromagnetic and the simplest antiferromagnetic orderings (``materials.dft.gpaw.magnetic_orderings``: for a
     2-atom rocksalt cell the supercells of AFM-II, ``AFM-k111``, and AFM-I, ``AFM-k110``) as single points,
     keeping the lowest;
   * MP's GGA+U (U on the metal d shell from pymatgen's MPRelaxSet: Mn 3.9, Fe 5.3, Co 3.32, Ni 6.2 eV);
@@ -13,12 +13,12 @@ primitive cell (2 or 4 atoms) at the experimental room-temperature geometry, the
   * the formation energy against elemental references with the same settings (Mn and Cr AFM, Fe/Co/Ni FM, the
     AFM O2 crystal; computed first, cached) plus the MP2020 correction (oxide and U terms).
 
-The MP2020 U terms are GPAW's own (``dft.u_corrections: gpaw``, :func:`materials.dft.gpaw_u_corrections`),
+The MP2020 U terms are GPAW's own (``dft.u_corrections: gpaw``, :func:`materials.dft.gpaw.gpaw_u_corrections`),
 fitted with ``--fit-u`` on the rutile difluorides MnF2, FeF2, CoF2, NiF2 (ZnF2 the control): MP2020 uses one U
 term per metal for oxides and fluorides, so the oxides here are a held-out test of the fluoride fit. Each row also
 gives ``e_form_vasp_u``: the same energy with MP's VASP-fitted terms (``dft.u_corrections: vasp``).
 
-Reference formation energies: the shipped MP table put on the MP2020 scale (``materials.reference.
+Reference formation energies: the shipped MP table put on the MP2020 scale (``materials.datasets.reference_data.
 mp_formation_energies``; the lowest value per formula), which for these oxides matches experiment (NiO about
 -1.07, MnO about -1.99 eV/atom). Goals (issue 15): NiO and MnO antiferromagnetic with gaps above 2 eV and 1 eV;
 formation energies within 0.15 eV/atom of those values; seconds per compound reported.
@@ -62,8 +62,8 @@ from ase.build import bulk  # noqa: E402
 from pymatgen.core import Composition, Lattice, Structure  # noqa: E402
 from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
-from materials import dft  # noqa: E402
-from materials.reference import mp_formation_energies  # noqa: E402
+from materials.datasets.reference_data import mp_formation_energies  # noqa: E402
+from materials.dft import gpaw as dft  # noqa: E402
 from pipelines.dft_run import DFTItem, _dft_task  # noqa: E402
 
 #: Experimental room-temperature geometries, Å: rocksalt a; wurtzite a, c, u.

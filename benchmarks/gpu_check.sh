@@ -15,7 +15,7 @@
 #
 # Runs from a copy of the repo WITHOUT .venv: it uses $PYTHON if given, else a python3 that already has the
 # packages, else it makes a lean venv (--system-site-packages, so a preinstalled CUDA torch is reused) and pip
-# installs only what materials/batched.py needs (torch if missing, chgnet, mace-torch, torch-sim, pymatgen, ase,
+# installs only what materials/potentials/batched.py needs (torch if missing, chgnet, mace-torch, torch-sim, pymatgen, ase,
 # pydantic; no Ray, MLflow, GPAW). Offline, point WHEELS at a folder of wheels (pip --no-index --find-links).
 #
 # On a machine with no network and a CUDA torch already in its python3 (measured this way on an H200, results in

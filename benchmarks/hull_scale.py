@@ -3,7 +3,7 @@
 Candidates are drawn from the shipped table itself (seeded): ``--systems`` chemical systems of 2-4 elements, each
 with ``--per-system`` compositions of rows of that system, their formation energy set to the table's lowest value
 of the formula plus N(0.05, 0.1) eV/atom (so about a third lie below the known hull and reshape the screen's
-hull). Measured: :func:`materials.stability.hull_distances` (reference diagram once per system, a second diagram
+hull). Measured: :func:`materials.thermo.stability.hull_distances` (reference diagram once per system, a second diagram
 only where a candidate lies below the reference hull) against the previous method (every table row scanned per
 system, one diagram of table + all candidates per system), on a sample of systems, with the largest difference
 between the two methods' distances to the screen's hull (identical up to rounding).
@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 def make_candidates(table, n_systems: int, per_system: int, seed: int = 0):
     from pymatgen.core import Composition
 
-    from materials.stability import HullItem
+    from materials.thermo.stability import HullItem
 
     rng = random.Random(seed)
     by_system: dict[frozenset[str], list[str]] = {}
@@ -74,20 +74,20 @@ def previous_method(items, table) -> dict[str, float]:
 
 
 def measure(n_systems: int = 1000, per_system: int = 10, check_systems: int = 100, seed: int = 0) -> dict:
-    from materials.stability import ReferenceTable, hull_distances
+    from materials.thermo.stability import HullTable, hull_distances
 
     start = time.perf_counter()
-    table = ReferenceTable.load()
+    table = HullTable.load()
     load_seconds = time.perf_counter() - start
     items = make_candidates(table, n_systems, per_system, seed)
     start = time.perf_counter()
-    distances = hull_distances(items, ReferenceTable(table.rows))  # a fresh table: no diagram cached yet
+    distances = hull_distances(items, HullTable(table.rows))  # a fresh table: no diagram cached yet
     seconds = time.perf_counter() - start
     sample = items[: check_systems * per_system]
     start = time.perf_counter()
     old = previous_method(sample, table)
     old_seconds = time.perf_counter() - start
-    fast_sample = hull_distances(sample, ReferenceTable(table.rows))
+    fast_sample = hull_distances(sample, HullTable(table.rows))
     diff = max(abs(fast_sample[i].e_above_hull_screen - v) for i, v in old.items())
     below = sum(1 for d in distances.values() if d.e_above_hull < 0)
     return {

@@ -2,7 +2,7 @@
 SevenNet-l3i5 (``.venv-sevennet``), MACE where weights are on disk.
 
 Per potential, on the same structures and settings (ASE FIRE + cell filter, fmax 0.02 eV/Å, 400 steps, 1 thread):
-  E_form MAE     the 50 known ground states of the stability benchmark (``materials.stability.GROUND_STATES``),
+  E_form MAE     the 50 known ground states of the stability benchmark (``materials.thermo.stability.GROUND_STATES``),
                  each potential under its energy convention (CHGNet mp2020; SevenNet/MACE uncorrected: MP2020 added),
                  against the lowest E_form of the formula in the shipped MP2020-scale table
   stable         how many of those ground states the potential places within 0.05 / 0.1 eV/atom of the reference
@@ -54,7 +54,7 @@ DEFAULT_POTENTIALS = "chgnet,sevennet:7net-0,sevennet:7net-l3i5,mace:medium-mpa-
 
 
 def _spec(token: str):
-    from materials.potentials import PotentialSpec
+    from materials.potentials.calculators import PotentialSpec
 
     name, _, model = token.partition(":")
     return PotentialSpec(name=name, model=model or None)  # type: ignore[arg-type]
@@ -66,9 +66,9 @@ def worker(token: str) -> dict:
     from ase.build import bulk
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from materials.potentials import load_potential, weights_hash
-    from materials.relax import RelaxSettings, relax_structure
-    from materials.stability import GROUND_STATES, build_ground_state
+    from materials.potentials.calculators import load_potential, weights_hash
+    from materials.potentials.relax import RelaxSettings, relax_structure
+    from materials.thermo.stability import GROUND_STATES, build_ground_state
 
     torch.set_num_threads(1)
     spec = _spec(token)
@@ -134,15 +134,15 @@ def score(raw: dict) -> dict:
     import numpy as np
     from pymatgen.core import Composition
 
-    from materials.stability import (
+    from materials.thermo.stability import (
         HullItem,
-        ReferenceTable,
+        HullTable,
         formation_energy_per_atom,
         hull_distances,
         mp_references,
     )
 
-    table = ReferenceTable.load()
+    table = HullTable.load()
     refs = mp_references(raw["convention"], raw["potential"])
     rows = []
     for row in raw["ground_states"]:

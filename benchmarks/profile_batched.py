@@ -1,7 +1,8 @@
 """Where the batched (torch-sim) relaxation step spends its time: torch.profiler over ``--steps`` FIRE steps of
 ``--cells`` cells, after a warm-up relaxation. Prints (and writes to ``--out``) small text tables, not traces:
 
-* our regions (``record_function`` labels put around materials.batched's pieces by this script): the FIRE step
+* our regions (``record_function`` labels put around materials.potentials.batched's pieces by this script): the FIRE
+step
   outside the model, the model call, MACE's neighbour list, CHGNet's CPU graph building and its forward/backward,
   the in-flight batcher's swaps, the convergence check;
 * the top operators by self CPU time, and on CUDA by self device time;
@@ -61,9 +62,9 @@ def _labelled(label: str, fn):
 
 
 def instrument() -> None:
-    """Put a ``record_function`` label around materials.batched's pieces (module globals, so calls inside the
+    """Put a ``record_function`` label around materials.potentials.batched's pieces (module globals, so calls inside the
     module see the wrapped versions)."""
-    import materials.batched as batched
+    import materials.potentials.batched as batched
 
     for name, label in REGIONS.items():
         setattr(batched, name, _labelled(label, getattr(batched, name)))
@@ -73,8 +74,8 @@ def instrument() -> None:
 
 
 def run(args) -> str:
-    from materials.batched import BatchLog, relax_structures_batched
-    from materials.relax import RelaxSettings
+    from materials.potentials.batched import BatchLog, relax_structures_batched
+    from materials.potentials.relax import RelaxSettings
 
     device = args.device
     _, _, model = relax_throughput.load_models(args.potential, device, args.dtype)

@@ -89,7 +89,7 @@ def make_cells(potential: str, n: int, seed: int = 0) -> list:
 
 
 def potential_spec(potential: str, device: str, dtype: str):
-    from materials.potentials import PotentialSpec
+    from materials.potentials.calculators import PotentialSpec
 
     if potential == "mace":
         return PotentialSpec(name="mace", model=str(TINY_MACE), device=device, dtype=dtype)
@@ -116,7 +116,7 @@ MEDIUM = {
 def medium_mace(dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
     """A ScaleShiftMACE with MACE-MP medium's architecture (:data:`MEDIUM`, 89 elements, 4.69 M parameters) and
     seeded random weights (mace-torch's initialisation; random elemental energies)."""
-    from materials.potentials import mace_unpickling
+    from materials.potentials.calculators import mace_unpickling
 
     with mace_unpickling():  # importing mace sets a process-wide variable; restored after the block
         from e3nn import o3
@@ -155,14 +155,14 @@ def medium_mace(dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
 def load_models(potential: str, device: str, dtype: str, chgnet_graphs: str = "device"):
     """(label, ASE calculator, torch-sim model) sharing one set of weights; ``chgnet_graphs``: where the batched
     CHGNet model builds its graphs (``device`` or ``cpu``, CHGNet's own converter)."""
-    from materials.batched import CHGNetModel, batched_model
-    from materials.potentials import load_potential
+    from materials.potentials.batched import CHGNetModel, batched_model
+    from materials.potentials.calculators import load_potential
 
     spec = potential_spec(potential, device, dtype)
     if potential == "mace-medium":
         from mace.calculators import MACECalculator
 
-        from materials.potentials import mace_unpickling
+        from materials.potentials.calculators import mace_unpickling
 
         with mace_unpickling():
             calculator = MACECalculator(models=medium_mace(dtype), device=device, default_dtype=dtype)
@@ -195,8 +195,8 @@ def measure(
 ) -> dict[str, Any]:
     """Run both paths and return rates and the agreement of their energies (see the module docstring); with
     ``workers``, also the fractional-GPU row (:func:`measure_fractional`) over the same cells."""
-    from materials.batched import BatchLog, relax_structures_batched
-    from materials.relax import RelaxSettings, relax_structure
+    from materials.potentials.batched import BatchLog, relax_structures_batched
+    from materials.potentials.relax import RelaxSettings, relax_structure
 
     label, calculator, model = load_models(potential, device, dtype, chgnet_graphs)
     if fixed_steps is not None:
@@ -288,8 +288,8 @@ def _fractional_worker(task: dict, barrier, queue) -> None:
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore")
         with contextlib.redirect_stdout(sys.stderr):
-            from materials.batched import relax_structures_batched
-            from materials.relax import RelaxSettings
+            from materials.potentials.batched import relax_structures_batched
+            from materials.potentials.relax import RelaxSettings
 
             _, _, model = load_models(task["potential"], task["device"], task["dtype"], task["chgnet_graphs"])
             cells = make_cells(task["potential"], task["n_cells"])[task["worker"] :: task["workers"]]

@@ -66,7 +66,7 @@ TIMING_NOTE = (
 
 def build_items(n: int) -> list:
     """The first ``n`` candidates, interleaved zincblende / wurtzite / rocksalt, as pipeline WorkItems."""
-    from materials.candidates import enumerate_candidates
+    from materials.structures.candidates import enumerate_candidates
     from pipelines.execution import WorkItem
 
     per_proto = [enumerate_candidates({name: sites}) for name, sites in PROTOTYPE_SITES.items()]
@@ -79,8 +79,8 @@ def build_items(n: int) -> list:
 def run_ase_loop(items: list, relax_settings) -> dict[str, Any]:
     from pymatgen.core import Structure
 
-    from materials.potentials import load_potential
-    from materials.relax import relax_structure
+    from materials.potentials.calculators import load_potential
+    from materials.potentials.relax import relax_structure
 
     structures = [(it.id, Structure.from_dict(it.structure)) for it in items]
     t0 = time.perf_counter()
@@ -109,8 +109,8 @@ def run_ase_loop(items: list, relax_settings) -> dict[str, Any]:
 def run_pipeline(items: list, relax_settings, n_workers: int, chunk_size: int, max_in_flight: int) -> dict[str, Any]:
     import ray
 
-    from materials.potentials import PotentialSpec
-    from materials.structures import CheckSettings
+    from materials.potentials.calculators import PotentialSpec
+    from materials.structures.inputs import CheckSettings
     from pipelines.config import RaySettings
     from pipelines.execution import chunked, init_ray, make_workers, run_chunks
 
@@ -181,7 +181,7 @@ def load_average() -> list[float] | None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from materials.relax import RelaxSettings
+    from materials.potentials.relax import RelaxSettings
 
     relax_settings = RelaxSettings(fmax=args.fmax, max_steps=args.max_steps)
     items = build_items(args.n)

@@ -1,7 +1,7 @@
 """The screen at scale: driver memory, per-phase throughput and resume for N generated candidates (1k .. 100k).
 
 Candidates come from a simple seeded generator here (:func:`generate`), not from the project's enumerator:
-``materials.candidates.enumerate_candidates`` produces charge-balanced decorations of a few prototypes (with
+``materials.structures.candidates.enumerate_candidates`` produces charge-balanced decorations of a few prototypes (with
 StructureMatcher dedup), a few thousand at most for any sensible element lists, never 100,000. The generator
 draws small cells of EMT's elements (Al Cu Ag Au Ni Pd Pt H C N O): 4-atom fcc-based cubic cells with 1-3
 metals on the sites (A4, A3B, A2B2, A2BC ...), 2-atom B2 cells, and 2-atom rocksalt cells of a metal and H/C/N/O,
@@ -11,7 +11,7 @@ random lattice constants. Each is written as a pymatgen JSON file; the screen re
 What is measured, each phase separately (candidates/s):
 
   generation   the generator building pymatgen Structures, and writing them as files (two numbers)
-  checks       ``materials.structures.check_structure`` on every candidate (in this process; in a screen the
+  checks       ``materials.structures.inputs.check_structure`` on every candidate (in this process; in a screen the
                Ray workers run it on each chunk before relaxing)
   dispatch     a real screen (``pipelines.screen.run_screen``: EMT, ``--steps`` FIRE steps, 2 Ray workers,
                ``--chunk`` structures per chunk): candidates/s from the first dispatch to the last result, and
@@ -142,8 +142,8 @@ def write_inputs(n: int, folder: Path, seed: int) -> dict[str, Any]:
 def measure_checks(n: int, seed: int) -> dict[str, Any]:
     from ase.calculators.emt import EMT  # noqa: F401  (EMT's element set, as the workers check it)
 
-    from materials.potentials import EMT_ELEMENTS
-    from materials.structures import CheckSettings, StructureCheckError, check_structure
+    from materials.potentials.calculators import EMT_ELEMENTS
+    from materials.structures.inputs import CheckSettings, StructureCheckError, check_structure
 
     settings = CheckSettings()
     seconds, failed = 0.0, 0

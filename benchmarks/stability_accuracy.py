@@ -2,7 +2,7 @@
 
 Each compound is built from its prototype (the structure Materials Project finds lowest for its formula), relaxed
 with the potential (ASE, FIRE + cell filter, fmax 0.02 eV/Å), and its formation energy computed under the
-potential's energy convention (:mod:`materials.stability`). Compared with the lowest E_form of its formula in the
+potential's energy convention (:mod:`materials.thermo.stability`). Compared with the lowest E_form of its formula in the
 shipped table (MP2020 scale) and placed on the reference hull (signed E_hull: 0 is on it).
 
 Rows:
@@ -51,12 +51,12 @@ def main() -> None:
     import torch
     from pymatgen.core import Composition
 
-    from materials.potentials import PotentialSpec, load_potential, weights_hash
-    from materials.relax import RelaxSettings, relax_structure
-    from materials.stability import (
+    from materials.potentials.calculators import PotentialSpec, load_potential, weights_hash
+    from materials.potentials.relax import RelaxSettings, relax_structure
+    from materials.thermo.stability import (
         GROUND_STATES,
         HullItem,
-        ReferenceTable,
+        HullTable,
         build_ground_state,
         fit_element_offsets,
         formation_energy_per_atom,
@@ -72,7 +72,7 @@ def main() -> None:
         sys.exit("this benchmark compares with MP's scale: use a potential with convention mp2020 or uncorrected")
     calc = load_potential(spec)
     refs = mp_references(convention, spec.label())
-    table = ReferenceTable.load()
+    table = HullTable.load()
     settings = RelaxSettings(fmax=0.02, max_steps=400)
 
     rows = []

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from pymatgen.core import Composition, Structure
 
+from materials.datasets.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from materials.errors import InputError
-from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from pipelines.store import RESULT_COLUMNS, ResultStore
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def screen(
             raise InputError(f"ids= names in-memory structures; the files in {structures} are named by their stems")
         folder = str(structures)
     elif isinstance(structures, (str, Path)):
-        from materials.structures import read_structure
+        from materials.structures.inputs import read_structure
 
         path = Path(structures)
         if not path.is_file():
@@ -209,7 +209,7 @@ def predict_gaps(
     inputs: Iterable[str | Structure | Composition] | str | Structure | Composition,
     model_path: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Band gaps from composition with the shipped GNN ensemble (:func:`materials.bandgap.predict_gaps`).
+    """Band gaps from composition with the shipped GNN ensemble (:func:`materials.ml.bandgap.predict_gaps`).
 
     Args:
         inputs: formula strings, pymatgen Structures or Compositions (a list, or one). A Structure or Composition
@@ -222,15 +222,15 @@ def predict_gaps(
         ``gap_expt_hi``, ``gap_expt_nonmetal`` (eV), ``p_metal``, ``p_metal_pbe``, ``metal_prior``, ``gap_source``
         and ``error``: missing (``frame["error"].isna()``) when predicted, else why there is no prediction (the
         row's numbers are then NaN). A bad input does not stop the others. Then the supply-chain columns of
-        :mod:`materials.sustainability` (``hhi_production``, ``hhi_reserve``, ``cost_per_kg``,
+        :mod:`materials.datasets.sustainability` (``hhi_production``, ``hhi_reserve``, ``cost_per_kg``,
         ``scarcest_element``, ``scarcest_abundance_ppm``, ``toxic_elements``, ``critical_raw_materials``;
         ``"unknown"`` where the data lacks an element).
 
     Raises:
         BandGapError: the model file is missing or unusable.
     """
-    from materials.bandgap import PREDICTION_COLUMNS
-    from materials.bandgap import predict_gaps as predict_formulas
+    from materials.ml.bandgap import PREDICTION_COLUMNS
+    from materials.ml.bandgap import predict_gaps as predict_formulas
 
     items = [inputs] if isinstance(inputs, (str, Structure, Composition)) else list(inputs)
     formulas: list[str | None] = []

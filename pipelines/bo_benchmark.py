@@ -1,6 +1,6 @@
 """``semidisc bo-benchmark``: BO vs random search on any labelled pool, features from the formula only.
 
-Each (method, seed) replay is a Ray task (``materials.optimize.simulate_campaign``); the report gives, per
+Each (method, seed) replay is a Ray task (``materials.bo.optimize.simulate_campaign``); the report gives, per
 method, the median number of evaluations to find K hits and the acceleration factor random / method.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from materials.bo.optimize import AcquisitionSettings, WindowObjective, expected_random_evaluations, simulate_campaign
+from materials.datasets.records import finite_float
 from materials.errors import InputError
-from materials.features import featurize_formulas, site_element_columns
-from materials.optimize import AcquisitionSettings, WindowObjective, expected_random_evaluations, simulate_campaign
-from materials.reference import finite_float
+from materials.ml.features import featurize_formulas, site_element_columns
 
 
 class BenchmarkError(InputError):
@@ -45,7 +45,7 @@ class LabelledPool:
 
     def acquisition_settings(self, surrogate: str = "gp") -> AcquisitionSettings:
         """Surrogate settings for this pool: site element codes (feature set ``sites``) go to a categorical kernel;
-        ``surrogate``: ``"gp"`` or ``"forest"`` (:class:`materials.optimize.AcquisitionSettings`)."""
+        ``surrogate``: ``"gp"`` or ``"forest"`` (:class:`materials.bo.optimize.AcquisitionSettings`)."""
         return AcquisitionSettings(
             categorical_columns=tuple(site_element_columns(self.feature_names)), surrogate=surrogate
         )
@@ -63,7 +63,7 @@ def load_labelled_pool(
     """Read a CSV pool; rows with an unparseable formula or a non-numeric label are skipped with their id and
     reason. ``feature_set``: ``composition``, ``ordered``, ``both`` or ``sites``; ``gap_model``: add the band-gap
     model's predictions; ``oxidation``: add the oxidation-state features
-    (:func:`materials.features.featurize_formulas`); ``id_column``: names skipped rows (default ``row<N>``)."""
+    (:func:`materials.ml.features.featurize_formulas`); ``id_column``: names skipped rows (default ``row<N>``)."""
     from pipelines.campaign import read_csv_rows
 
     path = Path(path)

@@ -26,10 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from materials.errors import InputError, RunError
-from materials.features import featurize_formulas, site_element_columns
-from materials.finetune import read_frames, write_frames
-from materials.optimize import (
+from materials.bo.optimize import (
     AcquisitionSettings,
     WindowObjective,
     initial_design,
@@ -37,13 +34,16 @@ from materials.optimize import (
     method_targets,
     propose_batch,
 )
-from materials.sustainability import (
+from materials.datasets.sustainability import (
     SUSTAINABILITY_COLUMNS,
     SupplyConstraint,
     median_hhi_production,
     sustainability_descriptors,
     sustainability_rows,
 )
+from materials.errors import InputError, RunError
+from materials.ml.features import featurize_formulas, site_element_columns
+from materials.potentials.finetune import read_frames, write_frames
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
@@ -71,7 +71,7 @@ class Pool:
 
 def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
     """Rows of a pool or label CSV file (``.csv`` or ``.csv.gz``, with or without a byte-order mark) as dicts."""
-    from materials.reference import read_csv_rows as read_rows
+    from materials.datasets.records import read_csv_rows as read_rows
 
     path = Path(path)
     if not path.is_file():
@@ -87,7 +87,7 @@ def pool_from_rows(
     feature_set: str = "both",
     oxidation: bool = False,
 ) -> Pool:
-    """Featurise a pool's formulas (``feature_set`` of :func:`materials.features.featurize_formulas`); rows whose
+    """Featurise a pool's formulas (``feature_set`` of :func:`materials.ml.features.featurize_formulas`); rows whose
     formula does not parse are skipped with the reason."""
     if not rows:
         raise CampaignError(f"{source}: the pool is empty")
@@ -251,7 +251,8 @@ class CampaignSummary:
 
 
 def apply_constraints(pool: Pool, settings: ConstraintSettings) -> Pool:
-    """The pool without the candidates ``settings`` excludes (:class:`materials.sustainability.SupplyConstraint`);
+    """The pool without the candidates ``settings`` excludes
+    (:class:`materials.datasets.sustainability.SupplyConstraint`);
     each excluded one moves to ``pool.skipped`` with the rule it breaks. ``hhi_production_max: median`` is the
     median over the pool as given."""
     limit = settings.hhi_production_max
@@ -280,7 +281,8 @@ def apply_constraints(pool: Pool, settings: ConstraintSettings) -> Pool:
 
 
 def with_supply_risk_column(pool: Pool) -> Pool:
-    """The pool with one more feature column, ``hhi_production`` (0-10,000, :mod:`materials.sustainability`), the
+    """The pool with one more feature column, ``hhi_production`` (0-10,000, :mod:`materials.datasets.sustainability`),
+    the
     third Pareto axis of ``objective.supply_axis``. A formula whose HHI is unknown gets 10,000, the most
     concentrated supply possible: unknown risk is not rewarded (``constraints.hhi_production_max`` excludes such
     rows instead)."""
@@ -657,7 +659,7 @@ def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> Non
 
 def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], columns: Sequence[str]) -> None:
     """evaluations.csv: one row per evaluation in order, the oracle's labels, objective and hit, then the formula's
-    supply-chain columns (:data:`materials.sustainability.SUSTAINABILITY_COLUMNS`)."""
+    supply-chain columns (:data:`materials.datasets.sustainability.SUSTAINABILITY_COLUMNS`)."""
     supply = sustainability_rows([done[i]["formula"] for i in order])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -115,7 +115,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 def cmd_bo_benchmark(args: argparse.Namespace) -> int:
     import math
 
-    from materials.optimize import WindowObjective
+    from materials.bo.optimize import WindowObjective
     from pipelines.bo_benchmark import format_report, load_labelled_pool, report_json, run_benchmark, trace_plot
 
     if (args.stable_column is None) != (args.stable_max is None):

@@ -15,12 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pymatgen.core import Element
 
-from materials.dft import DFTSettings
+from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError
-from materials.finetune import TrainSettings
-from materials.potentials import ENVIRONMENTS, PotentialSpec
-from materials.relax import RelaxSettings
-from materials.structures import CheckSettings
+from materials.potentials.calculators import ENVIRONMENTS, PotentialSpec
+from materials.potentials.finetune import TrainSettings
+from materials.potentials.relax import RelaxSettings
+from materials.structures.inputs import CheckSettings
 
 
 class ConfigError(InputError):
@@ -44,7 +44,7 @@ class CandidateSettings(_Strict):
     @field_validator("prototypes")
     @classmethod
     def _known_prototypes(cls, value: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
-        from materials.candidates import prototype_names
+        from materials.structures.candidates import prototype_names
 
         known = prototype_names()
         for name in value:
@@ -56,7 +56,7 @@ class CandidateSettings(_Strict):
 class StabilitySettings(_Strict):
     """``stable_threshold``: largest signed E_hull (eV/atom) counted as stable. 0.1 by default: CHGNet places 47
     of 50 known ground states within 0.1 eV/atom of the MP hull, 35 within 0.05 (benchmarks/stability_accuracy.py).
-    How energies reach the MP2020 scale is the potential's ``energy_convention`` (see materials.stability)."""
+    How energies reach the MP2020 scale is the potential's ``energy_convention`` (see materials.thermo.stability)."""
 
     stable_threshold: float = Field(default=0.1, ge=0.0, description="E_hull (eV/atom) counted as stable")
     element_offsets: bool = Field(
@@ -275,7 +275,9 @@ class PoolSettings(_Strict):
     )
     oxidation: bool = Field(
         default=False,
-        description="also describe each formula by its likely oxidation states (materials.features.oxidation_features)",
+        description=(
+            "also describe each formula by its likely oxidation states (materials.ml.features.oxidation_features)"
+        ),
     )
 
 
@@ -284,7 +286,7 @@ class ObjectiveSettings(_Strict):
 
     ``mode: scalar`` optimises one desirability (0 for a hit); ``pareto`` optimises the stability label and
     the distance to the window as two objectives (qLogNEHVI), and with ``supply_axis`` the production HHI of the
-    formula as a third (known before evaluation: :mod:`materials.sustainability`).
+    formula as a third (known before evaluation: :mod:`materials.datasets.sustainability`).
     """
 
     target: str
@@ -314,7 +316,8 @@ class ObjectiveSettings(_Strict):
 
 
 class ConstraintSettings(_Strict):
-    """Supply-chain limits on the pool (:class:`materials.sustainability.SupplyConstraint`): candidates that break
+    """Supply-chain limits on the pool (:class:`materials.datasets.sustainability.SupplyConstraint`): candidates that
+    break
     one are left out before any evaluation and listed, with the rule, in ``skipped_pool_rows.json``."""
 
     hhi_production_max: float | Literal["median"] | None = Field(
@@ -335,7 +338,7 @@ class ConstraintSettings(_Strict):
 #: Campaign presets: what ``preset: NAME`` fills in where the config is silent (the objective's column names stay the
 #: pool's: give ``objective.target`` and ``objective.stable``).
 CAMPAIGN_PRESETS: dict[str, dict[str, Any]] = {
-    # single-junction PV absorber (gap window of materials.optimize.photovoltaic), stable, supply risk below the
+    # single-junction PV absorber (gap window of materials.bo.optimize.photovoltaic), stable, supply risk below the
     # pool's median, no Cd or Pb
     "sustainable_absorber": {
         "objective": {"low": 1.1, "high": 1.8, "stable_max": 0.05},

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from materials.dft import DFTSettings
+from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError
-from materials.structures import load_structure_dir, read_structure
+from materials.structures.inputs import load_structure_dir, read_structure
 from pipelines.config import RaySettings, TrackingSettings, _Strict, load_yaml_config
 
 #: Columns of dft_results.csv. Energies eV/atom (e_form_per_atom includes mp2020_correction_per_atom when one was
@@ -138,7 +138,8 @@ def _dft_task(
 ):
     """One structure: relax and/or band gap (else a single point), then E_form; returns DFTResult.as_dict(),
     with ``frames`` (labelled ASE Atoms for fine-tuning: every ionic step of a relaxation, else the computed
-    geometry; see :mod:`materials.finetune`) when ``keep_frames``. ``reference_errors`` (element -> reason, from
+    geometry; see :mod:`materials.potentials.finetune`) when ``keep_frames``. ``reference_errors`` (element -> reason,
+    from
     :func:`compute_references`) names references that already failed: no formation energy is attempted for a
     structure containing one (a note says why), so a failing reference is not recomputed by every task.
 
@@ -146,8 +147,8 @@ def _dft_task(
     separate run whose gap fields (``GAP_FIELDS``) join the record of the relaxation or single point."""
     from pymatgen.core import Structure
 
-    from materials import dft
-    from materials.finetune import RelaxRecorder, result_frames
+    from materials.dft import gpaw as dft
+    from materials.potentials.finetune import RelaxRecorder, result_frames
 
     structure = Structure.from_dict(item.structure)
     log = Path(log_dir) / f"{item.id}.txt"
@@ -250,7 +251,7 @@ def _dft_task(
 
 
 def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, str | None]:
-    from materials import dft
+    from materials.dft import gpaw as dft
 
     try:
         dft.elemental_reference_energy(symbol, settings, ref_dir)
@@ -261,7 +262,7 @@ def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[s
 
 def compute_references(symbols: Iterable[str], settings: DFTSettings, ref_dir: str | Path) -> dict[str, str | None]:
     """Elemental references of ``symbols`` with ``settings``, one Ray task per element (Ray initialised by the
-    caller), each computed once and cached in ``ref_dir`` (:func:`materials.dft.elemental_reference_energy`;
+    caller), each computed once and cached in ``ref_dir`` (:func:`materials.dft.gpaw.elemental_reference_energy`;
     a cached one returns at once). Blocks until all are done, so that the structure tasks started afterwards
     find them cached instead of each relaxing the same reference. Returns element -> failure reason (None: ok).
     """
@@ -412,7 +413,7 @@ def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True
     (energies, forces, stress: a training set) and ``import_failures.csv`` (file or frame, reason)."""
     from ase.io import write
 
-    from materials import dft_import
+    from materials.dft import importers as dft_import
 
     result = dft_import.import_dft(paths)
     out = Path(out_dir)

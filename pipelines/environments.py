@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from materials.potentials import PotentialError, PotentialSpec
+from materials.potentials.calculators import PotentialError, PotentialSpec
 
 #: The repository root (``materials/`` and ``pipelines/`` are importable from here in any environment).
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def describe_loaded_potential(spec: PotentialSpec) -> dict[str, Any]:
     """
     import ray
 
-    from materials.potentials import load_potential, supported_elements, weights_hash
+    from materials.potentials.calculators import load_potential, supported_elements, weights_hash
 
     cpu_spec = dataclasses.replace(spec, device="cpu")
     calculator = load_potential(cpu_spec)

@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 
-from materials.potentials import PotentialSpec
-from materials.relax import RelaxSettings
-from materials.structures import CheckSettings
+from materials.potentials.calculators import PotentialSpec
+from materials.potentials.relax import RelaxSettings
+from materials.structures.inputs import CheckSettings
 from pipelines.config import RaySettings
 from pipelines.environments import actor_runtime_env
 from pipelines.interrupts import install_sigterm_handler, sigterm_handler_installed
@@ -108,7 +108,7 @@ class RelaxWorker:
     def __init__(self, spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings):
         import torch
 
-        from materials.potentials import load_potential, supported_elements
+        from materials.potentials.calculators import load_potential, supported_elements
 
         torch.set_num_threads(1)
         self.spec = spec
@@ -119,7 +119,7 @@ class RelaxWorker:
         self.label = spec.label()
         self.batched_model = None
         if relax.batched:  # one torch-sim model sharing the calculator's weights; a chunk is relaxed as one batch
-            from materials.batched import batched_model
+            from materials.potentials.batched import batched_model
 
             self.batched_model = batched_model(spec, self.calculator)
 
@@ -127,8 +127,8 @@ class RelaxWorker:
         """Check then relax each item; every item yields a record (status ok or failed with a reason)."""
         from pymatgen.core import Structure
 
-        from materials.relax import relax_structure
-        from materials.structures import StructureCheckError, check_structure
+        from materials.potentials.relax import relax_structure
+        from materials.structures.inputs import StructureCheckError, check_structure
 
         out: list[dict[str, Any] | None] = []
         to_relax: list[tuple[int, dict[str, Any], Structure]] = []
@@ -156,7 +156,7 @@ class RelaxWorker:
             to_relax.append((len(out), base, structure))
             out.append(None)
         if self.batched_model is not None and to_relax:
-            from materials.batched import relax_structures_batched
+            from materials.potentials.batched import relax_structures_batched
 
             try:
                 results = relax_structures_batched(
@@ -185,22 +185,22 @@ class RelaxWorker:
 
     def elemental_references(self, symbols: Sequence[str]) -> dict[str, Any]:
         """``self``-convention references: the elemental crystals of ``symbols`` relaxed with this worker's
-        potential (see materials.stability.model_elemental_references)."""
-        from materials.stability import model_elemental_references
+        potential (see materials.thermo.stability.model_elemental_references)."""
+        from materials.thermo.stability import model_elemental_references
 
         return model_elemental_references(self.calculator, symbols, self.label).as_dict()
 
     def element_offsets(self, refs: dict[str, Any]) -> dict[str, Any]:
         """Per-element offsets fitted for this worker's potential on the known ground states, on top of ``refs``
-        (see materials.stability.calibrate_element_offsets; ~50 relaxations)."""
-        from materials.stability import EnergyReferences, ReferenceTable, calibrate_element_offsets
+        (see materials.thermo.stability.calibrate_element_offsets; ~50 relaxations)."""
+        from materials.thermo.stability import ElementalEnergies, HullTable, calibrate_element_offsets
 
-        base = EnergyReferences.from_dict(refs)
-        return calibrate_element_offsets(self.calculator, base, ReferenceTable.load(), self.supported).as_dict()
+        base = ElementalEnergies.from_dict(refs)
+        return calibrate_element_offsets(self.calculator, base, HullTable.load(), self.supported).as_dict()
 
     def training_elements(self) -> frozenset[str]:
         """The elements this worker's potential was trained on (coverage warnings)."""
-        from materials.potentials import training_elements
+        from materials.potentials.calculators import training_elements
 
         return training_elements(self.spec, self.calculator)
 

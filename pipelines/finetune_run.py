@@ -3,7 +3,8 @@ against the parent and baseline potentials -> MLflow run + model registry.
 
 Data: for each structure of the config (prototype + species, or files), rattled and strained copies get a GPAW
 single point and a strained copy gets a short GPAW relaxation whose ionic steps are recorded
-(:mod:`materials.finetune`). Each labelling job is cached as ``<out>/frames/<id>.xyz`` the moment it finishes,
+(:mod:`materials.potentials.finetune`). Each labelling job is cached as ``<out>/frames/<id>.xyz`` the moment it
+finishes,
 so a rerun (or a changed training section) recomputes no DFT. Frames can also come from extxyz files
 (``train_file`` / ``heldout_file``, labelled with ``REF_*`` keys and ``dft_*`` settings).
 
@@ -25,15 +26,15 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from materials.dft import DFTSettings
+from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError, RunError
-from materials.finetune import DataSettings, TrainSettings
-from materials.potentials import PotentialSpec
+from materials.potentials.calculators import PotentialSpec
+from materials.potentials.finetune import DataSettings, TrainSettings
 from pipelines.config import ConfigError, RaySettings, TrackingSettings, _Strict, load_yaml_config
 
 
 class StructureSource(_Strict):
-    """A structure built from a prototype of :mod:`materials.candidates`, e.g. ``{prototype: zincblende,
+    """A structure built from a prototype of :mod:`materials.structures.candidates`, e.g. ``{prototype: zincblende,
     species: [Ga, As]}``."""
 
     prototype: str
@@ -104,8 +105,8 @@ class LabelJob:
 
 def base_structures(config: FinetuneConfig) -> list[tuple[str, Any]]:
     """``(id, pymatgen Structure)`` of the configured structures (prototypes first, then files)."""
-    from materials.candidates import build_prototype
-    from materials.structures import load_structure_dir
+    from materials.structures.candidates import build_prototype
+    from materials.structures.inputs import load_structure_dir
 
     out = []
     for source in config.structures:
@@ -124,7 +125,7 @@ def label_jobs(config: FinetuneConfig) -> list[LabelJob]:
     one relaxation per structure."""
     import numpy as np
 
-    from materials.finetune import perturbed_structures, relaxation_start
+    from materials.potentials.finetune import perturbed_structures, relaxation_start
 
     jobs = []
     rng = np.random.default_rng(config.data.seed)
@@ -143,14 +144,14 @@ def label_jobs(config: FinetuneConfig) -> list[LabelJob]:
 def _label_task(job: LabelJob, settings: DFTSettings, log_dir: str):
     import torch
 
-    from materials.finetune import dft_frames
+    from materials.potentials.finetune import dft_frames
 
     torch.set_num_threads(1)
     return dft_frames(job.atoms, settings, job.id, job.relax_steps, log_path=Path(log_dir) / f"{job.id}.txt")
 
 
 def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, float | None, str | None]:
-    from materials import dft
+    from materials.dft import gpaw as dft
 
     try:
         return symbol, dft.elemental_reference_energy(symbol, settings, ref_dir), None
@@ -165,7 +166,7 @@ def _run_labelling(
     yet (each written to ``<out>/frames`` on arrival). Returns the references (eV/atom) and failures."""
     import ray
 
-    from materials.finetune import write_frames
+    from materials.potentials.finetune import write_frames
     from pipelines.execution import as_completed, init_ray
 
     frames_dir = out / "frames"
@@ -229,7 +230,7 @@ class FinetuneSummary:
 
 def collect_frames(config: FinetuneConfig, jobs: list[LabelJob], out: Path) -> tuple[list, list]:
     """Training and held-out frames: cached GPAW frames (job order) then the configured extxyz files."""
-    from materials.finetune import read_frames
+    from materials.potentials.finetune import read_frames
 
     train, heldout = [], []
     for job in jobs:
@@ -271,8 +272,14 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None, nest
 
     import torch
 
-    from materials.finetune import dataset_hash, evaluate_calculator, train_mace, validate_training_set, write_frames
-    from materials.potentials import load_potential
+    from materials.potentials.calculators import load_potential
+    from materials.potentials.finetune import (
+        dataset_hash,
+        evaluate_calculator,
+        train_mace,
+        validate_training_set,
+        write_frames,
+    )
     from pipelines.registry import parse_registry_uri, register_model_file, resolve_potential
     from pipelines.tracking import Tracker, git_commit, redact
 

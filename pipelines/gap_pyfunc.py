@@ -1,7 +1,7 @@
 """The band-gap ensemble as an MLflow pyfunc model (registered by ``semidisc train-gap``).
 
 Load with ``mlflow.pyfunc.load_model("models:/semidisc-bandgap/<version>")``; ``predict`` takes a DataFrame with a
-``formula`` column and returns :func:`materials.bandgap.predict_gaps`'s columns.
+``formula`` column and returns :func:`materials.ml.bandgap.predict_gaps`'s columns.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlflow.pyfunc
 import pandas as pd
 
-from materials.bandgap import predict_gaps
+from materials.ml.bandgap import predict_gaps
 
 
 class BandGapPyfunc(mlflow.pyfunc.PythonModel):

@@ -2,7 +2,7 @@
 
 * ``table``: labels looked up in a labelled CSV (benchmarking a campaign at no cost);
 * ``mlip``: the MLIP screening values (E_form, E_hull) of a generated pool;
-* ``dft``: GPAW DFT on the candidates' structures (``materials/dft.py``), one Ray task each.
+* ``dft``: GPAW DFT on the candidates' structures (``materials/dft/gpaw.py``), one Ray task each.
 
 ``evaluate`` runs each item as a Ray task and yields ``(pool_index, record)`` as results arrive, so the
 campaign writes each label the moment it exists. A record holds ``status`` (``ok``/``failed``),
@@ -93,7 +93,7 @@ class DFTOracle:
     does not compute (e.g. the MLIP ``e_above_hull`` as a stability gate) are taken from the pool row.
 
     Every calculation's DFT frames (energy eV, forces eV/Å, stress eV/Å³ when computed: each ionic step of a
-    relaxation, else the computed geometry; :mod:`materials.finetune` keys) are written the moment the task
+    relaxation, else the computed geometry; :mod:`materials.potentials.finetune` keys) are written the moment the task
     returns to ``<work_dir>/frames/<candidate id>.xyz`` (extxyz, renamed into place), training data for
     fine-tuning the potential (``finetune_every`` in the campaign)."""
 
@@ -135,8 +135,8 @@ class DFTOracle:
         return self._work / "frames" / f"{self.candidate_id(index)}.xyz"
 
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-        from materials.finetune import write_frames
-        from materials.structures import read_structure
+        from materials.potentials.finetune import write_frames
+        from materials.structures.inputs import read_structure
         from pipelines.dft_run import DFTItem, _dft_task, compute_references, structure_elements
 
         items = {

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from materials.errors import InputError
-from materials.potentials import PotentialSpec, file_sha256
+from materials.potentials.calculators import PotentialSpec, file_sha256
 from pipelines.tracking import redact_uri
 
 REGISTRY_PREFIXES = ("mlflow:/", "models:/")

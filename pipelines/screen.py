@@ -23,24 +23,24 @@ import yaml
 from pymatgen.core import Composition
 from tqdm import tqdm
 
-from materials.candidates import iter_candidates
-from materials.errors import InputError
-from materials.potentials import PotentialSpec
-from materials.stability import (
-    BELOW_HULL_WARNING,
-    EnergyReferences,
-    ReferenceTable,
-    StreamingStability,
-    mp_references,
-    shipped_element_offsets,
-)
-from materials.structures import STRUCTURE_SUFFIXES, StructureCheckError, is_structure_file, read_structure
-from materials.sustainability import (
+from materials.datasets.sustainability import (
     SUSTAINABILITY_COLUMNS,
     SupplyRiskSummary,
     gap_supply_figure,
     supply_risk_summary,
     sustainability_rows,
+)
+from materials.errors import InputError
+from materials.potentials.calculators import PotentialSpec
+from materials.structures.candidates import iter_candidates
+from materials.structures.inputs import STRUCTURE_SUFFIXES, StructureCheckError, is_structure_file, read_structure
+from materials.thermo.stability import (
+    BELOW_HULL_WARNING,
+    ElementalEnergies,
+    HullTable,
+    StreamingStability,
+    mp_references,
+    shipped_element_offsets,
 )
 from pipelines.config import ScreenConfig
 from pipelines.environments import check_potential
@@ -75,7 +75,8 @@ class ScreenSummary:
     #: (first dispatch to last result), ``write_seconds`` (storing results and writing CIF files),
     #: ``stability_seconds``, ``csv_seconds``, ``total_seconds``; ``chunks``: [s since dispatch start, items] per chunk
     timings: dict[str, Any] = field(default_factory=dict)
-    #: the stable candidates split by supply risk (``materials.sustainability.SupplyRiskSummary``; None: no rows)
+    #: the stable candidates split by supply risk (``materials.datasets.sustainability.SupplyRiskSummary``;
+    #: None: no rows)
     supply: SupplyRiskSummary | None = None
 
 
@@ -156,7 +157,7 @@ def iter_work_items(config: ScreenConfig, structures: str | None, limit: int | N
 
 def _structure_files(directory: str | Path) -> list[str]:
     """The paths of the structure files of a folder, sorted by name (not recursive), as
-    :func:`materials.structures.load_structure_dir` lists them, without reading them (kept as strings: a
+    :func:`materials.structures.inputs.load_structure_dir` lists them, without reading them (kept as strings: a
     ``Path`` object costs several times the memory, and a folder may hold 100,000 files).
 
     Raises:
@@ -175,7 +176,7 @@ def _structure_files(directory: str | Path) -> list[str]:
 
 def _file_entries(files: list[str], limit: int | None) -> Iterator[WorkItem | dict]:
     """Read ``files`` one at a time. Ids are the file stems, a repeated stem gets its suffix appended (as
-    :func:`materials.structures.load_structure_dir` names them). Past ``limit`` readable items a file is still
+    :func:`materials.structures.inputs.load_structure_dir` names them). Past ``limit`` readable items a file is still
     read, to record it if it fails, as a full read of the folder did."""
     stems = sorted(Path(p).stem for p in files)
     repeated = {a for a, b in zip(stems, stems[1:], strict=False) if a == b}  # only these need remembering
@@ -214,7 +215,7 @@ def _check_limit(limit: int | None) -> None:
 
 def resolve_references(
     config: ScreenConfig, out_dir: Path, workers: list, symbols: set[str], potential_hash: str
-) -> EnergyReferences:
+) -> ElementalEnergies:
     """The potential's elemental references under its energy convention: MP's 2023 elemental energies for
     ``mp2020`` and ``uncorrected``; for ``self``, the elemental crystals relaxed with the potential on a Ray
     worker (kept in ``reference_energies.json`` so a resumed screen computes only new elements). With
@@ -230,19 +231,19 @@ def resolve_references(
             return replace(shipped, potential=label)
         cache = out_dir / "reference_energies.json"
         if cache.is_file():
-            cached = EnergyReferences.from_dict(json.loads(cache.read_text()))
+            cached = ElementalEnergies.from_dict(json.loads(cache.read_text()))
             if cached.offsets and cached.convention == convention and cached.potential == label:
                 return cached
-        return EnergyReferences.from_dict(ray.get(workers[0].element_offsets.remote(refs.as_dict())))
+        return ElementalEnergies.from_dict(ray.get(workers[0].element_offsets.remote(refs.as_dict())))
     cache = out_dir / "reference_energies.json"
-    refs = EnergyReferences(convention="self", potential=label, mu={}, source="model")
+    refs = ElementalEnergies(convention="self", potential=label, mu={}, source="model")
     if cache.is_file():
-        cached = EnergyReferences.from_dict(json.loads(cache.read_text()))
+        cached = ElementalEnergies.from_dict(json.loads(cache.read_text()))
         if cached.convention == "self" and cached.potential == label:
             refs = cached
     todo = sorted(symbols - set(refs.mu) - set(refs.missing))
     if todo:
-        new = EnergyReferences.from_dict(ray.get(workers[0].elemental_references.remote(todo)))
+        new = ElementalEnergies.from_dict(ray.get(workers[0].elemental_references.remote(todo)))
         refs.mu.update(new.mu)
         refs.missing.update(new.missing)
     return refs
@@ -289,7 +290,7 @@ class _TodoChunks:
 def _write_results_csv(store: ResultStore, path: Path, timings: dict[str, Any] | None = None) -> Path:
     """results.csv row by row, with the band-gap GNN columns (gap_pbe, gap_pbe_std, gap_expt, gap_expt_std,
     p_metal, ...; without them, and a warning, when no model can be used) and the supply-chain columns of
-    :mod:`materials.sustainability`, each computed once per distinct formula."""
+    :mod:`materials.datasets.sustainability`, each computed once per distinct formula."""
     formulas = store.distinct_formulas()
     supply = dict(zip(formulas, sustainability_rows(formulas), strict=True))
     supply[""] = dict.fromkeys(SUSTAINABILITY_COLUMNS)
@@ -297,7 +298,7 @@ def _write_results_csv(store: ResultStore, path: Path, timings: dict[str, Any] |
     gap_columns: list[str] = []
     start = time.perf_counter()
     try:
-        from materials.bandgap import PREDICTION_COLUMNS, BandGapError, predict_gaps  # torch-geometric: only here
+        from materials.ml.bandgap import PREDICTION_COLUMNS, BandGapError, predict_gaps  # torch-geometric: only here
     except ImportError as exc:  # the band-gap stack is optional for a screen
         log.warning("no band-gap predictions in %s: %s", path, exc)
     else:
@@ -360,15 +361,15 @@ STABILITY_BATCH = 5000
 
 def compute_stability(
     store: ResultStore,
-    refs: EnergyReferences,
-    table: ReferenceTable,
+    refs: ElementalEnergies,
+    table: HullTable,
     training_elements: frozenset[str] | None,
     batch_size: int = STABILITY_BATCH,
 ) -> None:
     """Formation energy, signed E_hull, E_hull against the screen's own hull, and warnings for every ok record.
 
-    Streams: the records are read and written back in batches (:class:`materials.stability.StreamingStability`,
-    the numbers of :func:`materials.stability.assess_stability`); what is held between batches grows with the
+    Streams: the records are read and written back in batches (:class:`materials.thermo.stability.StreamingStability`,
+    the numbers of :func:`materials.thermo.stability.assess_stability`); what is held between batches grows with the
     number of distinct compositions, not of records."""
     stream = StreamingStability(refs, table, training_elements)
     compositions = _Compositions()
@@ -558,7 +559,7 @@ def run_screen(
         )
         training = ray.get(workers[0].training_elements.remote())
         t0 = time.perf_counter()
-        table = ReferenceTable.load()
+        table = HullTable.load()
         t1 = time.perf_counter()
         compute_stability(store, refs, table, training)
         t2 = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any
 #: Columns of results.csv, in order (energies eV/atom, volumes Å^3/atom, forces eV/Å, stress GPa, time s).
 #: ``e_above_hull`` is signed (negative below every known phase); ``e_above_hull_screen`` is the distance to the
 #: hull that also holds this screen's structures; ``energy_convention`` says how the potential's energies were
-#: put on the MP2020 scale; ``warning`` explains a number to distrust (see materials.stability).
+#: put on the MP2020 scale; ``warning`` explains a number to distrust (see materials.thermo.stability).
 RESULT_COLUMNS = (
     "id",
     "formula",
@@ -116,7 +116,7 @@ class ResultStore:
 
     def update_stability(self, values: dict[str, Any], convention: str) -> None:
         """Set e_form_per_atom, e_above_hull, e_above_hull_screen (eV/atom), warning and energy_convention per id
-        from :class:`materials.stability.StabilityRow` values."""
+        from :class:`materials.thermo.stability.StabilityRow` values."""
 
         def number(value: float) -> float | None:
             return value if math.isfinite(value) else None

@@ -1,7 +1,7 @@
 """Band-gap model orchestration: train the ensemble from a YAML config (MLflow-tracked, registered), predict gaps
 for a CSV of formulas, and add predicted gaps to a screen's results.csv.
 
-The science (graphs, network, training loop, ensemble) is :mod:`materials.bandgap`; this module reads configs,
+The science (graphs, network, training loop, ensemble) is :mod:`materials.ml.bandgap`; this module reads configs,
 assembles the data splits, logs to MLflow and writes files.
 """
 
@@ -21,7 +21,9 @@ import numpy as np
 from pydantic import Field
 from pymatgen.core import Composition
 
-from materials.bandgap import (
+from materials.datasets.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
+from materials.errors import InputError
+from materials.ml.bandgap import (
     BASE_CALIBRATION_INPUTS,
     FIDELITIES,
     METAL_DECISION,
@@ -51,8 +53,6 @@ from materials.bandgap import (
     split_gaps,
     train_pbe_model,
 )
-from materials.errors import InputError
-from materials.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from pipelines.config import TrackingSettings, _Strict, load_yaml_config
 from pipelines.tracking import Tracker, git_commit, redact
 
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 class GapDataSettings(_Strict):
     """Which compositions train, validate and test. A reduced formula's split comes from a hash of the formula
-    (:func:`materials.bandgap.split_of`), identical for the MP and the experimental set, so a test composition is
+    (:func:`materials.ml.bandgap.split_of`), identical for the MP and the experimental set, so a test composition is
     never trained on at either fidelity. Every Borlido 2019 composition is removed from all of them (external test).
 
     ``max_mp_train``/``max_expt_train`` cap the training sets (smoke runs; null = all).
@@ -220,7 +220,7 @@ def validation_metrics(
 ) -> dict[str, float]:
     """What the calibration settings were chosen on (validation compositions only): ``val_known_nonmetal_*``, the
     fraction of the MP validation compositions with a PBE gap >= ``settings.nonmetal_min_pbe_gap`` (experimental
-    non-metals, :func:`materials.bandgap.known_nonmetals`) in the half the calibration did not see that
+    non-metals, :func:`materials.ml.bandgap.known_nonmetals`) in the half the calibration did not see that
     ``gap_expt`` calls metal (all, and the charge-balanced ones: a screening pool's population); and
     ``val_known_nonmetal_below_hi``, the fraction whose 90 % interval ends above the PBE gap (the experimental
     gap lies above it, so an interval below it misses for certain)."""
@@ -249,8 +249,8 @@ def calibration_sweep(
 ) -> dict[str, list[dict[str, float]]]:
     """The validation evidence for ``settings`` (validation compositions only; the members stay as trained).
 
-    ``metal``: per input set (:data:`~materials.bandgap.BASE_CALIBRATION_INPUTS`, ``settings.expt_inputs``) and
-    known-non-metal weight, the experimental P(metal) fitted as :func:`~materials.bandgap.calibrate_ensemble` does
+    ``metal``: per input set (:data:`~materials.ml.bandgap.BASE_CALIBRATION_INPUTS`, ``settings.expt_inputs``) and
+    known-non-metal weight, the experimental P(metal) fitted as :func:`~materials.ml.bandgap.calibrate_ensemble` does
     on 4/5 of Zhuo val (repeated stratified 5-fold) plus the fitting half of the MP val known non-metals:
     ``zhuo_cv_mae`` (eV, gap_expt on the left-out fifth), ``zhuo_cv_false_metal``, ``zhuo_cv_missed_metal``, and the
     fraction of the unseen half of the known non-metals called metal (``mp_called_metal``, all;
@@ -451,7 +451,7 @@ def run_train_gap(config: BandGapConfig, resume: bool = True, only_members: list
                 "counts": counts,
             }
         ensemble = GapEnsemble(config.model, members)
-        # calibration on validation compositions: P(metal), sigma, the conformal interval (materials.bandgap)
+        # calibration on validation compositions: P(metal), sigma, the conformal interval (materials.ml.bandgap)
         validation = {"pbe": data["mp_val"], "expt": data["expt_val"]}
         fitted = calibrate_ensemble(ensemble, validation, config.calibration)
         metrics = evaluate_ensemble(ensemble, data) | validation_metrics(ensemble, data, config.calibration) | fitted
@@ -530,14 +530,14 @@ def predict_gap_csv(
     metal_prior: float | str | None = None,
 ) -> dict[str, Any]:
     """Predict gaps for every row of a CSV and write the input columns plus
-    :data:`materials.bandgap.PREDICTION_COLUMNS`, ``metal_prior``, ``error`` (why a row has no prediction) and the
-    supply-chain columns :data:`materials.sustainability.SUSTAINABILITY_COLUMNS`.
-    ``metal_prior`` as in :func:`materials.bandgap.predict_gaps`.
+    :data:`materials.ml.bandgap.PREDICTION_COLUMNS`, ``metal_prior``, ``error`` (why a row has no prediction) and the
+    supply-chain columns :data:`materials.datasets.sustainability.SUSTAINABILITY_COLUMNS`.
+    ``metal_prior`` as in :func:`materials.ml.bandgap.predict_gaps`.
 
     One output row per input row, in order: a blank line inside the data (which ``csv.DictReader`` would drop,
     shifting every later row) becomes a row of empty cells with an error; so does a row with more fields than the
     header. Blank lines at the end of the file are not rows. Formulas with an element outside the model's training
-    data get an error, not a number (:func:`materials.bandgap.training_elements`).
+    data get an error, not a number (:func:`materials.ml.bandgap.training_elements`).
 
     Returns:
         ``{"n_rows", "n_ok", "n_failed", "errors"}``; ``errors`` lists ``"line N: why"`` for each failed row
@@ -546,7 +546,7 @@ def predict_gap_csv(
     Raises:
         FileNotFoundError: no input file. ValueError: no such column (listing the columns).
     """
-    from materials.reference import read_text_file
+    from materials.datasets.records import read_text_file
 
     input_csv = Path(input_csv)
     if not input_csv.is_file():
@@ -582,7 +582,7 @@ def predict_gap_csv(
         elif pred["error"] is not None:
             pred["error"] = f"line {line}: {pred['error']}"
     added = [*PREDICTION_COLUMNS, "metal_prior", "error"]
-    supply = sustainability_rows(formulas)  # supply-chain columns beside the gaps (materials.sustainability)
+    supply = sustainability_rows(formulas)  # supply-chain columns beside the gaps (materials.datasets.sustainability)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as handle:
@@ -603,7 +603,7 @@ def _cell(value: Any) -> Any:
 
 
 def add_gap_columns(results_csv: str | Path, formula_column: str = "formula") -> bool:
-    """Append predicted gaps (:data:`materials.bandgap.PREDICTION_COLUMNS`) to a screen's results.csv in place.
+    """Append predicted gaps (:data:`materials.ml.bandgap.PREDICTION_COLUMNS`) to a screen's results.csv in place.
 
     Fails soft: without a shipped model (or on a model error) it logs a warning, leaves the file as it is and
     returns False.
@@ -631,7 +631,7 @@ def shipped_model_summary() -> dict[str, Any]:
     path = shipped_model_path()
     if not path.is_file():
         return {}
-    from materials.bandgap import load_ensemble
+    from materials.ml.bandgap import load_ensemble
 
     return dict(load_ensemble().info.get("metrics", {}))
 

@@ -11,9 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from materials.composition import case_hint
+from materials.datasets.records import canonical_property, finite_float, read_text_file
+from materials.datasets.reference_data import load_reference
+from materials.datasets.validation import (
+    DuplicateConflict,
+    Prediction,
+    SkippedPrediction,
+    match,
+    match_metrics,
+    write_report,
+)
 from materials.errors import InputError
-from materials.reference import canonical_property, case_hint, finite_float, load_reference, read_text_file
-from materials.validation import DuplicateConflict, Prediction, SkippedPrediction, match, match_metrics, write_report
 from pipelines.config import TrackingSettings
 
 #: Default prediction column for each property, in semidisc's own outputs (screen results.csv, dft_results.csv).
@@ -91,7 +100,7 @@ def read_predictions(
     path: Path, prop: str, column: str | None = None
 ) -> tuple[list[Prediction], list[SkippedPrediction]]:
     """Predictions from a CSV with ``formula`` and a value column, checked like lab data
-    (:func:`materials.reference.load_lab_csv`) where a rule applies to a prediction.
+    (:func:`materials.datasets.reference_data.load_lab_csv`) where a rule applies to a prediction.
 
     Rows are skipped, each with its reason, when the value is not a finite number or the row's ``status`` is not
     ``ok`` (a failed calculation), when a band gap is negative (gaps are >= 0 eV, 0 = metal; formation energies

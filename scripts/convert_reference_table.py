@@ -1,7 +1,7 @@
 """Put the shipped MP formation-energy table on the MP2020 scale and measure the result against experiment.
 
 The table (``../shared/data/mp_formation_energies.csv``: MP's correction scheme of ~2018-2019) is converted row
-by row with :func:`materials.stability.mp2020_from_legacy` (the two schemes' compound corrections from pymatgen's
+by row with :func:`materials.thermo.stability.mp2020_from_legacy` (the two schemes' compound corrections from pymatgen's
 ``MaterialsProjectCompatibility`` and ``MaterialsProject2020Compatibility``, plus the legacy fitted gas references
 of N, F, Cl, H). Writes ``materials/data/mp_formation_energies_mp2020.csv.gz`` and, with ``--save``, the
 comparison of the legacy, the anion-only ("naive") and the converted values with pymatgen's experimental
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Composition
 
-from materials.stability import (
+from materials.thermo.stability import (
     REFERENCE_TABLE_FILE,
     StabilityError,
     _mp_run_settings,

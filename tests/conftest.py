@@ -23,16 +23,16 @@ TINY_MACE = DATA / "tiny_mace.model"
 
 @pytest.fixture(scope="session")
 def chgnet_calc():
-    from materials.potentials import load_potential
+    from materials.potentials.calculators import load_potential
 
     return load_potential("chgnet")
 
 
 @pytest.fixture(scope="session")
 def reference_table():
-    from materials.stability import ReferenceTable
+    from materials.thermo.stability import HullTable
 
-    return ReferenceTable.load()
+    return HullTable.load()
 
 
 @pytest.fixture

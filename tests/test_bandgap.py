@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from materials.bandgap import (
+from materials.ml.bandgap import (
     BASE_CALIBRATION_INPUTS,
     GAP_SOURCE,
     BandGapError,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from materials.batched import BatchLog, batched_model, relax_structures_batched
-from materials.potentials import PotentialSpec, load_potential
-from materials.relax import RelaxSettings, relax_structure
+from materials.potentials.batched import BatchLog, batched_model, relax_structures_batched
+from materials.potentials.calculators import PotentialSpec, load_potential
+from materials.potentials.relax import RelaxSettings, relax_structure
 
 #: Stated agreement of the two paths: final energy per atom (eV/atom) and cell lengths (relative).
 ENERGY_TOL = 0.005
@@ -137,7 +137,7 @@ def test_neighbor_list_matches_ase():
     import torch
     from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-    from materials.batched import neighbor_list, neighbors
+    from materials.potentials.batched import neighbor_list, neighbors
 
     rng = np.random.default_rng(0)
     cells = []
@@ -168,7 +168,7 @@ def test_batched_models_match_their_calculators(chgnet_calc, tiny_mace):
     CHGNet with its graphs built on the device and with CHGNet's own converter."""
     import torch_sim as ts
 
-    from materials.batched import CHGNetModel
+    from materials.potentials.batched import CHGNetModel
 
     def compare(model, calculator, cells, tol_e, tol_f):
         state = ts.initialize_state(cells, model.device, model.dtype)
@@ -194,7 +194,7 @@ def test_batched_models_match_their_calculators(chgnet_calc, tiny_mace):
 
 
 def test_batched_rejects_potentials_without_a_torch_model():
-    from materials.potentials import PotentialError
+    from materials.potentials.calculators import PotentialError
 
     with pytest.raises(PotentialError, match="relax.batched"):
         batched_model(PotentialSpec(name="emt"), load_potential("emt"))

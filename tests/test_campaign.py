@@ -155,7 +155,7 @@ def test_dft_oracle_computes_each_shared_elemental_reference_once(tmp_path):
     from ase.build import bulk
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from materials.dft import REFERENCE_LEDGER, DFTSettings
+    from materials.dft.gpaw import REFERENCE_LEDGER, DFTSettings
     from pipelines.config import RaySettings
     from pipelines.execution import init_ray
     from pipelines.oracles import DFTOracle
@@ -285,7 +285,7 @@ def test_bo_benchmark_names_every_skipped_row_and_why(tmp_path, capsys):
 def test_sustainable_absorber_preset_filters_the_pool_by_supply_risk(pool_csv, tmp_path):
     """preset sustainable_absorber: PV window, stable, production HHI at most the pool's median, no Cd/Pb; every
     excluded row is listed with the rule it breaks, and the constraint leaves the plain fingerprint alone."""
-    from materials.sustainability import median_hhi_production, sustainability_descriptors
+    from materials.datasets.sustainability import median_hhi_production, sustainability_descriptors
     from pipelines.campaign import apply_constraints, campaign_fingerprint, pool_from_rows, read_csv_rows
 
     config = parse_campaign_config(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from materials.finetune import ENERGY_KEY, FORCES_KEY, STRESS_KEY, labelled_frame, read_frames
+from materials.potentials.finetune import ENERGY_KEY, FORCES_KEY, STRESS_KEY, labelled_frame, read_frames
 from pipelines.campaign import CampaignStore, run_campaign
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent, split_by_candidate
 from pipelines.config import ConfigError, parse_campaign_config
@@ -55,8 +55,8 @@ def test_dft_campaign_finetunes_registers_and_resumes(tmp_path):
     pytest.importorskip("gpaw")
     import mlflow
 
-    from materials.candidates import build_prototype
-    from materials.potentials import PotentialSpec, load_potential
+    from materials.potentials.calculators import PotentialSpec, load_potential
+    from materials.structures.candidates import build_prototype
     from pipelines.registry import resolve_potential
 
     config = parse_campaign_config(campaign_data(tmp_path))
@@ -171,7 +171,7 @@ def test_too_few_frames_is_recorded_not_raised(tmp_path):
 
 def test_forces_all_zero_refuse_rms_force_scaling(tmp_path):
     """Relaxed zincblende cells have zero forces by symmetry: mace's default scaling would freeze the model."""
-    from materials.finetune import TrainingSetError, TrainSettings, train_mace
+    from materials.potentials.finetune import TrainingSetError, TrainSettings, train_mace
 
     frames = [frame(["Ga", "As"], f"gaas-{i}") for i in range(4)]
     with pytest.raises(TrainingSetError, match=r"RMS of 0 eV/Å.*set train.scaling: std_scaling"):

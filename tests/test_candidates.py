@@ -1,4 +1,4 @@
-"""Tests for materials.candidates: prototypes, starting volumes, charge balance and enumeration."""
+"""Tests for materials.structures.candidates: prototypes, starting volumes, charge balance and enumeration."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from materials.candidates import (
+from materials.structures.candidates import (
     GENERATED,
     PROTOTYPES,
     Candidate,
@@ -166,7 +166,7 @@ def test_dls_method_is_available_and_sane() -> None:
 def test_dls_fallback_says_why(caplog: pytest.LogCaptureFixture) -> None:
     """An element without DLS bond parameters falls back to the covalent volume, and the log names it."""
     s = build_prototype("rocksalt", ["Ra", "O"], scale_volume=False)
-    with caplog.at_level("WARNING", logger="materials.candidates"):
+    with caplog.at_level("WARNING", logger="materials.structures.candidates"):
         volume, method = estimate_volume(s, method="dls")
     assert method == "covalent"
     assert volume == pytest.approx(estimate_volume(s)[0], rel=1e-12)

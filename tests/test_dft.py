@@ -15,7 +15,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 
 pytest.importorskip("gpaw")
 
-from materials.dft import (  # noqa: E402
+from materials.dft.gpaw import (  # noqa: E402
     REFERENCE_RECIPE,
     DFTReferenceError,
     DFTResult,

@@ -12,9 +12,9 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
-from materials import dft_import
-from materials.dft_import import DFTImportError
-from materials.reference import load_reference
+from materials.datasets.reference_data import load_reference
+from materials.dft import importers as dft_import
+from materials.dft.importers import DFTImportError
 from pipelines.cli import main
 
 VASP = Path(__file__).parent / "data" / "vasp"

@@ -57,8 +57,8 @@ def one_line(text: str) -> str:
 def test_every_error_class_has_one_base_and_an_exit_code():
     found = {}
     for package in (materials, pipelines):
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+            module = importlib.import_module(info.name)
             for name, cls in inspect.getmembers(module, inspect.isclass):
                 if cls.__module__ == module.__name__ and issubclass(cls, Exception):
                     found[f"{module.__name__}.{name}"] = cls
@@ -175,7 +175,7 @@ def test_input_paths_are_relative_to_the_config_file(tmp_path, tiny_mace_path, m
 
 
 def test_one_csv_reader_accepts_a_byte_order_mark(tmp_path):
-    from materials.reference import read_csv_rows
+    from materials.datasets.records import read_csv_rows
     from pipelines.campaign import read_csv_rows as read_pool
     from pipelines.validate import read_predictions
 

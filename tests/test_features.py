@@ -7,13 +7,11 @@ import pytest
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.features import (
-    ELEMENT_PROPERTIES,
-    FeatureError,
+from materials.ml.elements import ELEMENT_PROPERTIES, FeatureError, element_properties
+from materials.ml.features import (
     candidate_features,
     composition_feature_names,
     composition_features,
-    element_properties,
     featurize_formulas,
     stack_features,
     structure_features,
@@ -102,7 +100,9 @@ def test_stack_features_aligns_and_imputes():
 
 
 def test_site_ordered_features_tell_site_swaps_apart():
-    from materials.features import element_properties, featurize_formulas, ordered_features, written_elements
+    from materials.composition import written_elements
+    from materials.ml.elements import element_properties
+    from materials.ml.features import featurize_formulas, ordered_features
 
     assert written_elements("SrTiO3") == [("Sr", 1.0), ("Ti", 1.0), ("O", 3.0)]
     assert written_elements("CH3COOH") == [("C", 2.0), ("H", 4.0), ("O", 2.0)]
@@ -125,7 +125,7 @@ def test_site_ordered_features_tell_site_swaps_apart():
 
 
 def test_site_element_codes_for_a_categorical_kernel():
-    from materials.features import site_element_columns, site_elements
+    from materials.ml.features import site_element_columns, site_elements
 
     assert site_elements("SrTiO3", 3) == {"site0_element": 38.0, "site1_element": 22.0, "site2_element": 8.0}
     # A = B merged into one written element: the missing position gets code 0, a category of its own
@@ -145,7 +145,7 @@ def test_site_element_codes_for_a_categorical_kernel():
 def test_oxidation_features_states_valence_and_icsd_frequency():
     import math
 
-    from materials.features import (
+    from materials.ml.features import (
         UNSEEN_OXIDATION_LOG_PROB,
         UNTABULATED_ELEMENT_LOG_PROB,
         oxidation_feature_names,

@@ -13,7 +13,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.finetune import (
+from materials.potentials.calculators import PotentialError, PotentialSpec, load_potential
+from materials.potentials.finetune import (
     FORCES_KEY,
     DataSettings,
     TrainingSetError,
@@ -22,7 +23,6 @@ from materials.finetune import (
     relative_energy_mae,
     validate_training_set,
 )
-from materials.potentials import PotentialError, PotentialSpec, load_potential
 
 TINY_MACE = Path(__file__).parent / "data" / "tiny_mace.model"
 
@@ -100,7 +100,7 @@ def test_unresolved_registry_uri_is_a_clear_error():
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """One real fine-tune (2 epochs from tiny_mace.model) through the pipeline, registered in a temp store."""
-    from materials.finetune import TrainSettings, write_frames
+    from materials.potentials.finetune import TrainSettings, write_frames
     from pipelines.finetune_run import FinetuneConfig, run_finetune
 
     tmp = tmp_path_factory.mktemp("finetune")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from materials.optimize import (
+from materials.bo.optimize import (
     AcquisitionSettings,
     OptimizationError,
     Proposal,
@@ -286,7 +286,7 @@ def _set_site_kernel(kernel, cont_scale: float, cat_scales: list[float], cat_len
 
 
 def test_site_kernel_exact_values():
-    from materials.optimize import site_kernel
+    from materials.bo.optimize import site_kernel
 
     # columns: one continuous feature, then the element codes of two sites (atomic numbers)
     X = torch.tensor([[0.3, 38.0, 22.0], [0.3, 38.0, 22.0], [0.3, 56.0, 22.0], [0.3, 56.0, 40.0]], dtype=torch.float64)
@@ -311,7 +311,7 @@ def test_site_kernel_exact_values():
 
 
 def test_site_kernel_and_settings_reject_bad_input():
-    from materials.optimize import site_kernel
+    from materials.bo.optimize import site_kernel
 
     with pytest.raises(OptimizationError, match=r"must lie in \[0, 3\)"):
         site_kernel(3, [3])
@@ -382,7 +382,7 @@ def test_forest_surrogate_finds_the_hit_element_and_is_seeded():
     assert first.model_info["target_forest_trees"] == 50.0
     # codes 8 and 22 (gap 4.0) are alike and sit at one end: every tree, whatever its bootstrap sample, predicts
     # 4.0 there, so the spread is exactly the floor; on the hit rows some trees never saw a hit: more spread
-    from materials.optimize import forest_mean_std
+    from materials.bo.optimize import forest_mean_std
 
     mean, std = forest_mean_std(X[evaluated], y[:, 0], X[evaluated], settings, seed=0)
     assert np.allclose(mean[:4], 4.0) and np.allclose(std[:4], settings.forest_min_std)

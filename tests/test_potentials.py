@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from materials.potentials import PotentialError, PotentialSpec, load_potential, supported_elements, weights_hash
+from materials.potentials.calculators import (
+    PotentialError,
+    PotentialSpec,
+    load_potential,
+    supported_elements,
+    weights_hash,
+)
 
 
 def test_chgnet_default_is_offline_and_physical(chgnet_calc):

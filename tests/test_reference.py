@@ -6,16 +6,14 @@ import pytest
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.reference import (
+from materials.composition import recapitalised_formulas, reduced_formula
+from materials.datasets.records import ReferenceRow, ReferenceSet
+from materials.datasets.reference_data import (
     EV_IN_KJ_PER_MOL,
     LabDataError,
-    ReferenceRow,
-    ReferenceSet,
     borlido_methods,
     load_lab_csv,
     load_reference,
-    recapitalised_formulas,
-    reduced_formula,
 )
 
 HEADER = "formula,property,value,unit,uncertainty,source"

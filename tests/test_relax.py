@@ -5,8 +5,8 @@ import math
 import pytest
 from ase.build import bulk
 
-from materials.potentials import PotentialSpec, load_potential
-from materials.relax import RelaxResult, RelaxSettings, relax_structure
+from materials.potentials.calculators import PotentialSpec, load_potential
+from materials.potentials.relax import RelaxResult, RelaxSettings, relax_structure
 
 
 def test_chgnet_relaxes_strained_si_to_its_lattice_constant(chgnet_calc):

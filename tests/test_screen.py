@@ -18,8 +18,8 @@ from ase.build import bulk
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.bandgap import PREDICTION_COLUMNS
-from materials.sustainability import SUSTAINABILITY_COLUMNS
+from materials.datasets.sustainability import SUSTAINABILITY_COLUMNS
+from materials.ml.bandgap import PREDICTION_COLUMNS
 from pipelines.config import parse_config
 from pipelines.screen import ResumeError, run_screen
 from pipelines.store import RESULT_COLUMNS, ResultStore
@@ -54,7 +54,9 @@ def test_screen_end_to_end_with_mlflow(tmp_path):
     rows = read_csv(tmp_path / "out" / "results.csv")
     # the band-gap GNN's columns follow the screen's own
     assert tuple(next(iter(rows.values()))) == RESULT_COLUMNS + PREDICTION_COLUMNS + SUSTAINABILITY_COLUMNS
-    gaas_supply = rows["zincblende-GaAs"]  # supply-chain columns (materials.sustainability): HHI 4,360, As Ga critical
+    gaas_supply = rows[
+        "zincblende-GaAs"
+    ]  # supply-chain columns (materials.datasets.sustainability): HHI 4,360, As Ga critical
     assert abs(float(gaas_supply["hhi_production"]) - 4360.5) < 1 and gaas_supply["critical_raw_materials"] == "As Ga"
     assert 0.8 < float(rows["zincblende-GaAs"]["gap_expt"]) < 2.2 and float(rows["zincblende-GaAs"]["p_metal"]) < 0.5
     # ZnP, GaSe... are not charge balanced: only the 4 III-V + ZnSe zincblendes + rocksalt GaAs

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
-from materials.stability import (
-    EnergyReferences,
-    ReferenceTable,
+from materials.structures.inputs import load_structure_dir
+from materials.thermo.stability import (
+    ElementalEnergies,
+    HullTable,
     StreamingStability,
     assess_stability,
     mp_references,
 )
-from materials.structures import load_structure_dir
 from pipelines.config import parse_config
 from pipelines.screen import _file_entries, _structure_files, compute_stability, run_screen
 from pipelines.store import ResultStore
@@ -50,7 +50,7 @@ def same(a: float, b: float) -> bool:
 def test_streaming_stability_matches_assess_stability_exactly():
     """Batches in any order give the very numbers (bitwise) and warnings of the all-at-once assessment, with
     many structures below the reference hull, repeated compositions and an element without a reference."""
-    table = ReferenceTable.load()
+    table = HullTable.load()
     rng = random.Random(3)
     elements = {"Ga", "As", "Zn", "O", "S", "Cu", "In", "Se"}
     rows = [r for r in table.rows if 2 <= len(r.elements) <= 3 and r.elements <= elements]
@@ -68,7 +68,7 @@ def test_streaming_stability_matches_assess_stability_exactly():
         energies["no-ref"] = (Composition("CuOg"), -3.0)
         expected = assess_stability(energies, refs, table, elements - {"Se"})
         assert sum(r.e_above_hull < 0 for r in expected.values()) > 50  # the screen's hull differs from MP's
-        stream = StreamingStability(refs, ReferenceTable(table.rows), elements - {"Se"})
+        stream = StreamingStability(refs, HullTable(table.rows), elements - {"Se"})
         items = list(energies.items())
         rng.shuffle(items)
         got = {}
@@ -89,7 +89,7 @@ def test_streaming_stability_matches_assess_stability_exactly():
 
 def test_compute_stability_on_a_store_in_batches(tmp_path):
     """The store-level step (batches of 7 records) writes what assess_stability computes for all at once."""
-    refs = EnergyReferences(convention="self", potential="emt", mu={"Cu": -0.0, "Au": 0.0, "Ag": 0.0, "Ni": -0.1})
+    refs = ElementalEnergies(convention="self", potential="emt", mu={"Cu": -0.0, "Au": 0.0, "Ag": 0.0, "Ni": -0.1})
     rng = random.Random(5)
     records, energies = [], {}
     for i in range(60):
@@ -99,7 +99,7 @@ def test_compute_stability_on_a_store_in_batches(tmp_path):
         red = Composition(comp.reduced_formula)
         energies[f"r{i:03d}"] = (red, e * red.num_atoms)
     records.append({"id": "failed", "formula": "CuAu", "status": "failed", "failure_reason": "rejected: test"})
-    table = ReferenceTable.load()
+    table = HullTable.load()
     expected = assess_stability(energies, refs, table, None)
     with ResultStore(tmp_path / "results.sqlite") as store:
         store.write(records)
@@ -134,9 +134,9 @@ def test_folder_is_read_lazily_with_the_ids_load_structure_dir_gives(tmp_path):
 def test_dispatch_pulls_chunks_as_workers_free_up():
     """Chunks come from a generator; at no time are more items alive (made, not yet finished) than the in-flight
     bound allows, whatever the number of items."""
-    from materials.potentials import PotentialSpec
-    from materials.relax import RelaxSettings
-    from materials.structures import CheckSettings
+    from materials.potentials.calculators import PotentialSpec
+    from materials.potentials.relax import RelaxSettings
+    from materials.structures.inputs import CheckSettings
     from pipelines.config import RaySettings
     from pipelines.execution import WorkItem, chunked, init_ray, make_workers, run_chunks
 

@@ -207,7 +207,7 @@ def test_registered_model_hash_recorded_and_checked(tmp_path, tiny_mace_path):
     it, and refuses a changed file with the model, both hashes and the fix in the message, before any load."""
     import mlflow
 
-    from materials.potentials import PotentialSpec, file_sha256
+    from materials.potentials.calculators import PotentialSpec, file_sha256
     from pipelines.registry import ModelHashError, resolve_potential
 
     uri, run_id, version = _register_tiny_mace(tmp_path, tiny_mace_path, "tiny-secure")
@@ -248,7 +248,7 @@ def test_version_without_recorded_hash_is_refused_until_recorded(tmp_path, tiny_
     fix the message names, makes it resolvable."""
     import mlflow
 
-    from materials.potentials import PotentialSpec, file_sha256
+    from materials.potentials.calculators import PotentialSpec, file_sha256
     from pipelines.registry import ModelHashError, record_model_hash, resolve_potential
 
     uri, run_id, _ = _register_tiny_mace(tmp_path, tiny_mace_path, "tiny-secure")
@@ -265,7 +265,7 @@ def test_version_without_recorded_hash_is_refused_until_recorded(tmp_path, tiny_
 def test_screen_refuses_tampered_registered_model_before_loading(tmp_path, tiny_mace_path):
     """Through the pipeline: a screen whose registered potential was swapped for a hostile pickle stops with the
     hash error, without unpickling it."""
-    from materials.potentials import PotentialSpec
+    from materials.potentials.calculators import PotentialSpec
     from pipelines.config import parse_config
     from pipelines.registry import ModelHashError, resolve_potential
     from pipelines.screen import run_screen
@@ -294,14 +294,14 @@ def test_mace_load_leaves_weights_only_variable_as_it_was(tiny_mace_path, tmp_pa
     is back to what it was (unset, or the user's own value), so a later plain torch.load refuses a pickle."""
     import torch
 
-    from materials.potentials import NO_WEIGHTS_ONLY_VAR, PotentialSpec, load_potential
+    from materials.potentials.calculators import NO_WEIGHTS_ONLY_VAR, PotentialSpec, load_potential
 
     spec = PotentialSpec(name="mace", model=str(tiny_mace_path))
     monkeypatch.delenv(NO_WEIGHTS_ONLY_VAR, raising=False)
     calculator = load_potential(spec)
     assert NO_WEIGHTS_ONLY_VAR not in os.environ
     assert len(calculator.models) == 1  # the model did load (the variable was set while it loaded)
-    from materials.batched import batched_model
+    from materials.potentials.batched import batched_model
 
     batched_model(spec, calculator)  # torch-sim's MACE wrapper imports more of mace
     assert NO_WEIGHTS_ONLY_VAR not in os.environ

@@ -13,7 +13,7 @@ import yaml
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.potentials import PotentialError, PotentialSpec, load_potential
+from materials.potentials.calculators import PotentialError, PotentialSpec, load_potential
 from pipelines.config import parse_config
 from pipelines.environments import REPO, check_potential, environment_python
 from pipelines.screen import run_screen
@@ -60,8 +60,8 @@ def _direct_energies(folder: Path) -> dict[str, float]:
 import json, sys
 from pathlib import Path
 from pymatgen.core import Structure
-from materials.potentials import PotentialSpec, load_potential
-from materials.relax import RelaxSettings, relax_structure
+from materials.potentials.calculators import PotentialSpec, load_potential
+from materials.potentials.relax import RelaxSettings, relax_structure
 calc = load_potential(PotentialSpec(name="sevennet", model="7net-0"))
 out = {{}}
 for path in sorted(Path(sys.argv[1]).glob("*.cif")):
@@ -184,9 +184,9 @@ import json
 import numpy as np
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
-from materials.batched import batched_model, relax_structures_batched
-from materials.potentials import PotentialSpec, load_potential
-from materials.relax import RelaxSettings, relax_structure
+from materials.potentials.batched import batched_model, relax_structures_batched
+from materials.potentials.calculators import PotentialSpec, load_potential
+from materials.potentials.relax import RelaxSettings, relax_structure
 spec = PotentialSpec(name="sevennet", model="7net-0")
 calc = load_potential(spec)
 model = batched_model(spec, calc)

@@ -12,12 +12,12 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Element
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.candidates import build_prototype
-from materials.potentials import PotentialSpec, load_potential, training_elements
-from materials.relax import RelaxSettings, relax_structure
-from materials.stability import (
+from materials.potentials.calculators import PotentialSpec, load_potential, training_elements
+from materials.potentials.relax import RelaxSettings, relax_structure
+from materials.structures.candidates import build_prototype
+from materials.thermo.stability import (
     BELOW_HULL_WARNING,
-    EnergyReferences,
+    ElementalEnergies,
     HullItem,
     StabilityError,
     assess_stability,
@@ -41,7 +41,7 @@ def mp_energy_per_atom(symbol: str) -> float:
 
 
 def test_formation_energy_arithmetic():
-    refs = EnergyReferences(convention="self", potential="x", mu={"Ga": -3.0, "As": -4.5})
+    refs = ElementalEnergies(convention="self", potential="x", mu={"Ga": -3.0, "As": -4.5})
     # (2 * -4.0 - (-3.0 - 4.5)) / 2 = -0.25 eV/atom
     assert formation_energy_per_atom("GaAs", -8.0, refs) == pytest.approx(-0.25)
     with pytest.raises(KeyError, match="no reference energy for N"):
@@ -75,7 +75,7 @@ def test_default_conventions_per_model():
 def test_converted_table_rows_follow_both_pymatgen_schemes(reference_table):
     from pymatgen.entries.compatibility import MaterialsProject2020Compatibility, MaterialsProjectCompatibility
 
-    from materials.stability import _mp_computed_entry
+    from materials.thermo.stability import _mp_computed_entry
 
     gas = legacy_gas_references()
     assert gas["F"] == pytest.approx(-1.42055013381) and gas["N"] == pytest.approx(-7.95247218762)
@@ -242,7 +242,7 @@ def test_every_combination_of_subsystems_is_indexed(reference_table):
 def test_element_offsets_fit_and_hold_out():
     """Offsets recover a known per-element error; the held-out figure is honest (an element seen in no other
     compound cannot be corrected when it is left out)."""
-    from materials.stability import fit_element_offsets
+    from materials.thermo.stability import fit_element_offsets
 
     delta = {"Ga": 0.1, "In": 0.05, "As": -0.02, "P": 0.0, "Sb": 0.08}
     formulas = ["GaAs", "GaP", "GaSb", "InAs", "InP", "InSb", "Ga2As", "In2Sb"]
@@ -256,15 +256,15 @@ def test_element_offsets_fit_and_hold_out():
     for el, value in delta.items():
         assert offsets[el] == pytest.approx(value, abs=1e-5)
     assert cal["mae_in_sample"] < 1e-6 and cal["mae_leave_one_element_out"] > 0
-    refs = EnergyReferences(convention="self", potential="x", mu={"Ga": -3.0, "As": -4.5}, offsets={"Ga": 0.1})
+    refs = ElementalEnergies(convention="self", potential="x", mu={"Ga": -3.0, "As": -4.5}, offsets={"Ga": 0.1})
     # (-8.0 - (-3.0 + 0.1 - 4.5)) / 2
     assert formation_energy_per_atom("GaAs", -8.0, refs) == pytest.approx(-0.3)
-    assert EnergyReferences.from_dict(refs.as_dict()) == refs
+    assert ElementalEnergies.from_dict(refs.as_dict()) == refs
 
 
 def test_shipped_chgnet_offsets_record_their_held_out_figure():
-    from materials.potentials import weights_hash
-    from materials.stability import shipped_element_offsets
+    from materials.potentials.calculators import weights_hash
+    from materials.thermo.stability import shipped_element_offsets
 
     refs = shipped_element_offsets(weights_hash(PotentialSpec(name="chgnet")))
     assert refs is not None and refs.convention == "mp2020" and len(refs.offsets) >= 30

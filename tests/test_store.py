@@ -4,7 +4,7 @@ import csv
 import math
 import sqlite3
 
-from materials.stability import StabilityRow
+from materials.thermo.stability import StabilityRow
 from pipelines.store import RESULT_COLUMNS, ResultStore
 
 

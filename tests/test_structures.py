@@ -8,7 +8,7 @@ from ase.build import bulk
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.structures import (
+from materials.structures.inputs import (
     CheckSettings,
     StructureCheckError,
     check_structure,

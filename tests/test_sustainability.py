@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from materials.errors import InputError
-from materials.sustainability import (
+from materials.datasets.sustainability import (
     SUSTAINABILITY_COLUMNS,
     UNKNOWN,
     SustainabilityDescriptors,
@@ -14,6 +13,7 @@ from materials.sustainability import (
     supply_risk_summary,
     sustainability_descriptors,
 )
+from materials.errors import InputError
 
 # pymatgen's hhi_data.csv (production, reserve) and atomic masses, copied here so the test is computed by hand
 HHI = {"Cd": (1700, 1300), "Te": (2900, 4900), "Ga": (5500, 1900), "As": (3300, 4000), "Cu": (1600, 1500),

@@ -9,8 +9,9 @@ import pytest
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.reference import ReferenceRow, ReferenceSet, load_reference
-from materials.validation import (
+from materials.datasets.records import ReferenceRow, ReferenceSet
+from materials.datasets.reference_data import load_reference
+from materials.datasets.validation import (
     BAD_FORMULA,
     NO_STRUCTURE,
     NOT_FINITE,
@@ -205,7 +206,7 @@ def test_report_files(tmp_path):
 
 def test_library_stays_free_of_pyplot_ray_and_mlflow(tmp_path):
     code = (
-        "import sys; from materials.validation import parity_plot, residual_histogram\n"
+        "import sys; from materials.datasets.validation import parity_plot, residual_histogram\n"
         f"parity_plot([1, 2], [1.1, 1.9], r'{tmp_path / 'p.png'}', [0.1, None], None)\n"
         f"residual_histogram([0.1, -0.1], r'{tmp_path / 'r.png'}')\n"
         "bad = [m for m in ('matplotlib.pyplot', 'ray', 'mlflow') if m in sys.modules]\n"
@@ -324,7 +325,7 @@ def test_conflicting_reference_duplicates_are_reported_with_values_and_policy(tm
 
 
 def test_duplicate_conflicts_follow_the_policy():
-    from materials.validation import DUPLICATE_SPREAD_TOLERANCE
+    from materials.datasets.validation import DUPLICATE_SPREAD_TOLERANCE
 
     assert DUPLICATE_SPREAD_TOLERANCE == {"band_gap": 0.1, "formation_energy": 0.05}
     rows = [row("a", "GaAs", 1.0, e_form=-0.30), row("b", "GaAs", 1.5, e_form=-0.35), row("c", "Si", 1.1)]

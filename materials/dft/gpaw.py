@@ -48,8 +48,8 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Composition, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials import stability
 from materials.errors import InputError, RunError
+from materials.thermo import stability
 
 #: Initial moment (μB/atom) of an element MP's MAGMOM table does not list in a spin-polarised run of a structure
 #: that carries no ``magmom`` site property (Materials Project's default, MPRelaxSet).
@@ -515,7 +515,7 @@ def mp2020_correction_per_atom(
     composition: Composition | str, settings: DFTSettings, hubbard: dict[str, float]
 ) -> float:
     """MP2020 correction, eV/atom, of an uncorrected energy of ``composition`` computed with ``settings`` and U
-    values ``hubbard`` (:func:`materials.stability.mp2020_correction`, which assumes MP's run type).
+    values ``hubbard`` (:func:`materials.thermo.stability.mp2020_correction`, which assumes MP's run type).
 
     Raises:
         InputError: the run is not what the correction was fitted to: a functional other than PBE, or U values
@@ -541,7 +541,7 @@ def mp2020_correction_per_atom(
 
 #: The GPAW-specific GGA/GGA+U mixing terms (:func:`gpaw_u_corrections`), written by
 #: ``benchmarks/dft_magnetic.py --fit-u``.
-GPAW_U_CORRECTIONS_FILE = Path(__file__).parent / "data" / "gpaw_u_corrections.json"
+GPAW_U_CORRECTIONS_FILE = Path(__file__).parent.parent / "data" / "gpaw_u_corrections.json"
 
 
 @functools.cache
@@ -937,7 +937,7 @@ def relax(
             ``converged=False`` and a note.
         relax_cell: relax the cell shape and volume as well as positions.
         on_step: called with the atoms (GPAW calculator attached, results of that geometry cached) after every
-            ionic step, e.g. to record the trajectory as training data (:mod:`materials.finetune`).
+            ionic step, e.g. to record the trajectory as training data (:mod:`materials.potentials.finetune`).
         break_symmetry: start from a symmetry-broken density, as in :func:`single_point` (symmetry off throughout).
 
     The returned energy, forces, stress and structure are those of the final geometry. The k-grid is chosen
@@ -1245,7 +1245,7 @@ def gap_from_eigenvalues(eigenvalues: np.ndarray, occupied: list[int]) -> tuple[
 
 
 def reference_structure(symbol: str) -> Structure:
-    """The elemental reference crystal for ``symbol`` (:func:`materials.stability.elemental_reference_structure`:
+    """The elemental reference crystal for ``symbol`` (:func:`materials.thermo.stability.elemental_reference_structure`:
     the Delta-test structure with its magnetic order, else ASE's ``bulk(symbol)``).
 
     Raises:
@@ -1337,8 +1337,8 @@ def _dcdft_names() -> list[str]:
 
 def elemental_references(
     symbols: Iterable[str], settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
-) -> stability.EnergyReferences:
-    """Reference energies μ (eV/atom) of ``symbols`` as :class:`materials.stability.EnergyReferences`
+) -> stability.ElementalEnergies:
+    """Reference energies μ (eV/atom) of ``symbols`` as :class:`materials.thermo.stability.ElementalEnergies`
     (convention ``self``: raw PBE with references of the same settings), usable wherever the MLIP references are.
 
     Raises:
@@ -1347,7 +1347,7 @@ def elemental_references(
     settings = settings or DFTSettings()
     mu = {s: elemental_reference_energy(s, settings, cache_dir) for s in sorted(set(symbols))}
     label = f"gpaw-{settings.xc}-{settings_hash(settings)}"
-    return stability.EnergyReferences(convention="self", potential=label, mu=mu, source="dft")
+    return stability.ElementalEnergies(convention="self", potential=label, mu=mu, source="dft")
 
 
 def formation_energy_per_atom(

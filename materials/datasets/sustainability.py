@@ -33,10 +33,10 @@ from typing import Any
 
 from pymatgen.core import Composition, Element
 
+from materials.datasets.records import finite_float, read_text_file
 from materials.errors import InputError
-from materials.reference import finite_float, read_text_file
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 #: Elements restricted for toxicity (see the module docstring for the sources).
 TOXIC_ELEMENTS = frozenset({"Pb", "Hg", "Cd", "As", "Tl", "Be"})
 #: SMACT's crustal abundances that disagree with the CRC Handbook's table it cites ("Abundance of elements in the

@@ -318,7 +318,7 @@ class AcquisitionSettings:
         fit_maxiter: L-BFGS-B iterations when fitting GP hyperparameters (the marginal likelihood is within
             ~1 % of its converged value after ~50 on pools of thousands; caps the cost of large d).
         categorical_columns: pool feature columns holding category codes, e.g. the element at each written site
-            (:func:`materials.features.site_element_columns` of the ``sites`` feature set); they get a categorical
+            (:func:`materials.ml.features.site_element_columns` of the ``sites`` feature set); they get a categorical
             kernel that compares codes for equality only (:func:`site_kernel`); () for none. A column constant
             over the pool is dropped like any constant feature.
         categorical_kernel: how the categorical kernel joins the continuous one (:func:`site_kernel`): ``"sum"``
@@ -331,8 +331,9 @@ class AcquisitionSettings:
             agrees still has some uncertainty.
         known_objectives: ``"bo-pareto"`` only: pool feature columns whose values are further objectives to
             minimise, known for every candidate before it is evaluated (the production HHI of
-            :mod:`materials.sustainability`); each becomes one more axis of the hypervolume, modelled by a GP fitted
-            to its known values at the training and shortlisted candidates (so it is exact where it is scored).
+            :mod:`materials.datasets.sustainability`); each becomes one more axis of the hypervolume, modelled by a
+            GP fitted to its known values at the training and shortlisted candidates (so it is exact where it is
+            scored).
     """
 
     kernel: Literal["rbf", "matern"] = "matern"

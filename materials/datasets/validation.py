@@ -1,7 +1,7 @@
 """Compare predictions with reference data: matching, metrics, plots and a report.
 
-``match`` pairs each :class:`Prediction` with a :class:`~materials.reference.ReferenceSet` by pymatgen reduced
-formula, or by structure (pymatgen ``StructureMatcher``) when both sides have one. Nothing is dropped silently:
+``match`` pairs each :class:`Prediction` with a :class:`~materials.datasets.records.ReferenceSet` by pymatgen
+reduced formula, or by structure (pymatgen ``StructureMatcher``) when both sides have one. Nothing is dropped silently:
 predictions without a partner are listed with the reason, and reference rows no prediction used are listed too.
 Several reference rows for one formula (polymorphs, repeated measurements) become one value by a duplicate
 policy, recorded on each pair:
@@ -39,8 +39,9 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from materials.composition import reduced_formula
+from materials.datasets.records import DUPLICATE_POLICIES, RecordWithStructure, ReferenceRow, ReferenceSet
 from materials.errors import InputError
-from materials.reference import DUPLICATE_POLICIES, RecordWithStructure, ReferenceRow, ReferenceSet, reduced_formula
 
 MATCH_MODES = ("formula", "structure", "auto")
 

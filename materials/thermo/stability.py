@@ -30,7 +30,6 @@ import gzip
 import itertools
 import json
 import math
-import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +41,10 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Element, Structure
 from pymatgen.entries.computed_entries import ComputedEntry
 
+from materials.composition import formula_symbols
 from materials.errors import InputError
+from materials.potentials.relax import RelaxSettings, relax_structure
+from materials.structures.candidates import build_prototype
 
 EnergyConvention = Literal["mp2020", "uncorrected", "self"]
 #: The energy conventions a potential can declare (see the module docstring).
@@ -53,9 +55,6 @@ BELOW_HULL_WARNING = -0.1
 REFERENCE_TABLE_FILE = "mp_formation_energies_mp2020.csv.gz"
 #: Elements whose elemental reference is a molecular crystal: relax positions only, never the cell.
 MOLECULAR_REFERENCES = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
-
-
-_ELEMENT_RE = re.compile(r"[A-Z][a-z]?")
 
 
 class StabilityError(InputError):
@@ -81,7 +80,7 @@ def mp_elemental_energies() -> Mapping[str, float]:
 
 
 @dataclass
-class EnergyReferences:
+class ElementalEnergies:
     """How a potential's total energies become formation energies.
 
     Attributes:
@@ -112,11 +111,11 @@ class EnergyReferences:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EnergyReferences:
+    def from_dict(cls, data: Mapping[str, Any]) -> ElementalEnergies:
         return cls(**dict(data))
 
 
-def mp_references(convention: str, potential: str) -> EnergyReferences:
+def mp_references(convention: str, potential: str) -> ElementalEnergies:
     """References for a potential on MP's scale (``mp2020`` or ``uncorrected``): MP 2023 elemental energies.
 
     Raises:
@@ -127,7 +126,7 @@ def mp_references(convention: str, potential: str) -> EnergyReferences:
             f"energy convention {convention!r} has no MP elemental references: use model_elemental_references "
             "for 'self', or one of 'mp2020', 'uncorrected'"
         )
-    return EnergyReferences(convention=convention, potential=potential, mu=dict(mp_elemental_energies()))
+    return ElementalEnergies(convention=convention, potential=potential, mu=dict(mp_elemental_energies()))
 
 
 @functools.cache
@@ -244,7 +243,7 @@ def mp2020_from_legacy(composition: Composition | str, e_form_legacy: float) -> 
     return e_form_legacy + delta
 
 
-def formation_energy_per_atom(composition: Composition | str, energy: float, refs: EnergyReferences) -> float:
+def formation_energy_per_atom(composition: Composition | str, energy: float, refs: ElementalEnergies) -> float:
     """E_form (eV/atom) of a total energy ``energy`` (eV) of ``composition``: the MP2020 correction is added
     when ``refs.convention`` is ``uncorrected`` (and only then), then the elemental references (plus any fitted
     offsets) subtracted.
@@ -291,12 +290,10 @@ def elemental_reference_structure(symbol: str) -> Structure:
 
 def model_elemental_references(
     calculator, symbols: Iterable[str], potential: str, relax_settings=None
-) -> EnergyReferences:
+) -> ElementalEnergies:
     """``self`` references: each element's reference crystal (:func:`elemental_reference_structure`) relaxed with
     ``calculator`` (cell and positions; positions only for the molecular crystals). An element whose structure is
     unknown or whose relaxation fails is listed in ``missing`` with the reason, never given a made-up value."""
-    from materials.relax import RelaxSettings, relax_structure
-
     settings = relax_settings or RelaxSettings(fmax=0.02, max_steps=400)
     mu: dict[str, float] = {}
     missing: dict[str, str] = {}
@@ -315,7 +312,7 @@ def model_elemental_references(
             missing[symbol] = f"relaxation of the {symbol} reference crystal failed: {result.failure_reason}"
             continue
         mu[symbol] = float(result.energy_per_atom)
-    return EnergyReferences(convention="self", potential=potential, mu=mu, source="model", missing=missing)
+    return ElementalEnergies(convention="self", potential=potential, mu=mu, source="model", missing=missing)
 
 
 # ----------------------------------------------------------------------------------- fitted offsets (opt-in)
@@ -379,8 +376,6 @@ GROUND_STATES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def build_ground_state(prototype: str, species: Sequence[str]) -> Structure:
     """The structure of a :data:`GROUND_STATES` entry (prototype cells scaled to a covalent volume estimate)."""
-    from materials.candidates import build_prototype
-
     if ":" in prototype:
         from ase.build import bulk
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -438,13 +433,11 @@ def fit_element_offsets(
 
 
 def calibrate_element_offsets(
-    calculator, refs: EnergyReferences, table: ReferenceTable, supported: Iterable[str] | None = None, ridge=1e-3
-) -> EnergyReferences:
+    calculator, refs: ElementalEnergies, table: HullTable, supported: Iterable[str] | None = None, ridge=1e-3
+) -> ElementalEnergies:
     """Relax :data:`GROUND_STATES` with ``calculator`` (ASE, fmax 0.02 eV/Å) and fit offsets on top of ``refs``
     (:func:`fit_element_offsets`). Compounds with elements outside ``supported`` or failing to relax are skipped
     and listed in ``calibration["skipped"]``."""
-    from materials.relax import RelaxSettings, relax_structure
-
     settings = RelaxSettings(fmax=0.02, max_steps=400)
     allowed = set(supported) if supported is not None else None
     points, skipped = [], []
@@ -469,19 +462,19 @@ def calibrate_element_offsets(
     return replace(plain, offsets=offsets, calibration=calibration)
 
 
-def shipped_element_offsets(weights_hash: str) -> EnergyReferences | None:
+def shipped_element_offsets(weights_hash: str) -> ElementalEnergies | None:
     """Offsets shipped in the package for a potential's weights hash (``element_offsets_<hash>.json``), or None."""
     path = _data_path(f"element_offsets_{weights_hash}.json")
     if not path.is_file():
         return None
-    return EnergyReferences.from_dict(json.loads(path.read_text()))
+    return ElementalEnergies.from_dict(json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------- reference hull
 
 
 @dataclass(frozen=True)
-class ReferenceRow:
+class HullEntry:
     """One row of the MP table: formation energy on the MP2020 scale and, for the record, the legacy value."""
 
     material_id: str
@@ -491,19 +484,19 @@ class ReferenceRow:
     e_form_legacy: float = math.nan
 
 
-class ReferenceTable:
+class HullTable:
     """The MP formation-energy table on the MP2020 scale, eV/atom (read once; indexed by chemical system).
 
     Only the lowest row of each formula can be on a hull, so the hull uses those; ``rows`` keeps every row.
     """
 
-    def __init__(self, rows: Sequence[ReferenceRow]):
+    def __init__(self, rows: Sequence[HullEntry]):
         self.rows = list(rows)
-        self._by_formula: dict[str, list[ReferenceRow]] = defaultdict(list)
+        self._by_formula: dict[str, list[HullEntry]] = defaultdict(list)
         for row in self.rows:
             self._by_formula[row.formula].append(row)
         # the lowest row of each compound formula, by its exact chemical system; PDEntries made on first use
-        self._by_system: dict[frozenset[str], list[ReferenceRow]] = defaultdict(list)
+        self._by_system: dict[frozenset[str], list[HullEntry]] = defaultdict(list)
         for group in self._by_formula.values():
             best = min(group, key=lambda r: r.e_form_per_atom)
             if len(best.elements) > 1:
@@ -513,7 +506,7 @@ class ReferenceTable:
 
     @classmethod
     @functools.cache
-    def load(cls) -> ReferenceTable:
+    def load(cls) -> HullTable:
         """The shipped table (cached: one read per process)."""
         rows = []
         with _data_path(REFERENCE_TABLE_FILE).open("rb") as raw:
@@ -523,9 +516,9 @@ class ReferenceTable:
             if not math.isfinite(value):
                 continue
             formula = rec["formula"]
-            elements = frozenset(_ELEMENT_RE.findall(formula))  # reduced formulas: no groups, no charges
+            elements = formula_symbols(formula)  # reduced formulas: no groups, no charges
             legacy = float(rec.get("formation_energy_per_atom_legacy") or "nan")
-            rows.append(ReferenceRow(rec["material_id"], formula, value, elements, legacy))
+            rows.append(HullEntry(rec["material_id"], formula, value, elements, legacy))
         return cls(rows)
 
     def __len__(self) -> int:
@@ -588,7 +581,7 @@ def _system(composition: Composition) -> frozenset[str]:
     return frozenset(el.symbol for el in composition.elements)
 
 
-def hull_distances(items: Sequence[HullItem], table: ReferenceTable) -> dict[str, HullDistance]:
+def hull_distances(items: Sequence[HullItem], table: HullTable) -> dict[str, HullDistance]:
     """Signed E_hull against the reference hull, and the distance to the hull that also holds the screened
     structures, for each item (NaN for a non-finite formation energy).
 
@@ -649,8 +642,8 @@ class StabilityRow:
 
 def assess_stability(
     energies: Mapping[str, tuple[Composition, float]],
-    refs: EnergyReferences,
-    table: ReferenceTable,
+    refs: ElementalEnergies,
+    table: HullTable,
     training_elements: Iterable[str] | None = None,
 ) -> dict[str, StabilityRow]:
     """Formation energies, hull distances and warnings for relaxed structures.
@@ -683,7 +676,7 @@ def assess_stability(
 
 
 def _formation_with_notes(
-    comp: Composition, energy: float, refs: EnergyReferences, covered: frozenset[str] | None, notes: list[str]
+    comp: Composition, energy: float, refs: ElementalEnergies, covered: frozenset[str] | None, notes: list[str]
 ) -> float:
     """E_form (eV/atom; NaN when it cannot be computed) of one structure, appending its warnings to ``notes``."""
     symbols = sorted(el.symbol for el in comp.elements)
@@ -736,7 +729,7 @@ class StreamingStability:
     distinct compositions, not with the number of structures.
     """
 
-    def __init__(self, refs: EnergyReferences, table: ReferenceTable, training_elements: Iterable[str] | None = None):
+    def __init__(self, refs: ElementalEnergies, table: HullTable, training_elements: Iterable[str] | None = None):
         self.refs = refs
         self.table = table
         self.covered = frozenset(training_elements) if training_elements is not None else None

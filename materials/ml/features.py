@@ -30,31 +30,8 @@ from types import MappingProxyType
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
 
-from materials.errors import InputError
-
-#: Element properties used by :func:`composition_features` (name -> description with unit).
-ELEMENT_PROPERTIES: Mapping[str, str] = MappingProxyType(
-    {
-        "Z": "atomic number",
-        "mass": "atomic mass, amu",
-        "row": "period in the periodic table",
-        "group": "group 1-18 (lanthanides and actinides: 3)",
-        "mendeleev": "Mendeleev (Pettifor-like) number",
-        "electronegativity": "Pauling electronegativity",
-        "atomic_radius": "empirical atomic radius, Å",
-        "ionic_radius": "average ionic radius over common oxidation states, Å",
-        "melting_point": "melting point of the element, K",
-        "ionization_energy": "first ionisation energy, eV",
-        "electron_affinity": "electron affinity, eV",
-        "molar_volume": "molar volume of the elemental solid, cm^3/mol",
-        "valence_s": "s electrons outside the noble-gas core",
-        "valence_p": "p electrons outside the noble-gas core",
-        "valence_d": "d electrons outside the noble-gas core",
-        "valence_f": "f electrons outside the noble-gas core",
-        "valence": "electrons outside the noble-gas core (s+p+d+f)",
-        "unfilled": "empty states in the partly filled valence s, p, d, f shells",
-    }
-)
+from materials.composition import FormulaError, parse_composition, written_elements
+from materials.ml.elements import ELEMENT_PROPERTIES, FeatureError, element_properties
 
 #: Statistics of each element property over a composition (weights: atomic fractions).
 STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "range")
@@ -62,140 +39,21 @@ STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "range")
 #: Properties of the fractions alone (independent of the elements).
 FRACTION_FEATURES: tuple[str, ...] = ("n_elements", "max_fraction", "fraction_l2", "fraction_l3")
 
-#: Elements whose properties define the imputation means (Z = 1..103: all with measured data).
-_IMPUTATION_Z = range(1, 104)
-#: Shell capacities for the "unfilled" count.
-_SHELL_CAPACITY = {"s": 2, "p": 6, "d": 10, "f": 14}
-_ORBITAL = re.compile(r"^(\d+)([spdf])(\d+)$")
 
-
-class FeatureError(InputError):
-    """A candidate cannot be featurised; the message names the item and the fix."""
-
-
-def _quantity(value: object) -> float:
-    """Float of a pymatgen property (plain number or FloatWithUnit); NaN when absent."""
-    if value is None:
-        return math.nan
+def _composition(formula: str) -> Composition:
+    """:func:`materials.composition.parse_composition`, its error as a :class:`FeatureError`."""
     try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-    return out if math.isfinite(out) else math.nan
+        return parse_composition(formula)
+    except FormulaError as exc:
+        raise FeatureError(str(exc)) from None
 
 
-def _valence_counts(element: Element) -> dict[str, float]:
-    """Electrons per sub-shell outside the noble-gas core, parsed from pymatgen's electronic structure.
-
-    ``"[Ar].3d10.4s2.4p1"`` (Ga) gives s=2, p=1, d=10, f=0; filled d/f shells beyond the core count, as in
-    the Magpie descriptor set. "unfilled" counts empty states of the partly filled shells.
-    """
+def _written_elements(formula: str) -> list[tuple[str, float]]:
+    """:func:`materials.composition.written_elements`, its error as a :class:`FeatureError`."""
     try:
-        text = element.electronic_structure
-    except (KeyError, AttributeError, ValueError):
-        return {key: math.nan for key in ("valence_s", "valence_p", "valence_d", "valence_f", "valence", "unfilled")}
-    counts = {"s": 0, "p": 0, "d": 0, "f": 0}
-    for token in text.split("."):
-        match = _ORBITAL.match(token.strip())
-        if match:  # "[Ar]" core tokens do not match
-            counts[match.group(2)] += int(match.group(3))
-    unfilled = sum(_SHELL_CAPACITY[shell] - n for shell, n in counts.items() if 0 < n < _SHELL_CAPACITY[shell])
-    return {
-        "valence_s": float(counts["s"]),
-        "valence_p": float(counts["p"]),
-        "valence_d": float(counts["d"]),
-        "valence_f": float(counts["f"]),
-        "valence": float(sum(counts.values())),
-        "unfilled": float(unfilled),
-    }
-
-
-def _raw_element_properties(element: Element) -> dict[str, float]:
-    """All :data:`ELEMENT_PROPERTIES` of one element, NaN where pymatgen has no value."""
-
-    def get(attribute: str) -> float:
-        try:
-            return _quantity(getattr(element, attribute))
-        except (KeyError, AttributeError, ValueError, TypeError):
-            return math.nan
-
-    props = {
-        "Z": float(element.Z),
-        "mass": get("atomic_mass"),
-        "row": get("row"),
-        "group": get("group"),
-        "mendeleev": get("mendeleev_no"),
-        "electronegativity": get("X"),
-        "atomic_radius": get("atomic_radius"),
-        "ionic_radius": get("average_ionic_radius"),
-        "melting_point": get("melting_point"),
-        "ionization_energy": get("ionization_energy"),
-        "electron_affinity": get("electron_affinity"),
-        "molar_volume": get("molar_volume"),
-    }
-    if props["ionic_radius"] == 0.0:  # pymatgen's placeholder for "no ionic radius" (noble gases)
-        props["ionic_radius"] = math.nan
-    props.update(_valence_counts(element))
-    return props
-
-
-@functools.cache
-def _element_table() -> Mapping[str, Mapping[str, float]]:
-    """Property table for every element pymatgen knows, with missing values imputed (read-only memo)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pymatgen warns for each missing property
-        raw = {el.symbol: _raw_element_properties(el) for el in Element}
-    means = {}
-    for name in ELEMENT_PROPERTIES:
-        known = [raw[Element.from_Z(z).symbol][name] for z in _IMPUTATION_Z]
-        known = [v for v in known if not math.isnan(v)]
-        means[name] = float(np.mean(known))
-    table = {
-        symbol: MappingProxyType({n: (means[n] if math.isnan(v) else v) for n, v in props.items()})
-        for symbol, props in raw.items()
-    }
-    return MappingProxyType(table)
-
-
-def element_properties(symbol: str) -> Mapping[str, float]:
-    """The :data:`ELEMENT_PROPERTIES` of one element (missing values imputed with the Z = 1..103 mean).
-
-    Raises:
-        FeatureError: ``symbol`` is not an element symbol, naming it.
-    """
-    table = _element_table()
-    if symbol not in table:
-        raise FeatureError(f"{symbol!r} is not an element symbol; use symbols such as 'Ga' or 'As'.")
-    return table[symbol]
-
-
-def parse_composition(formula: str) -> Composition:
-    """Parse a chemical formula into a pymatgen Composition of real elements.
-
-    Raises:
-        FeatureError: the formula is empty, unparseable, has no atoms, or names an unknown element
-            (pymatgen turns unknown symbols into dummy species), naming the formula and the problem.
-    """
-    if not isinstance(formula, str):
-        raise FeatureError(f"formula {formula!r} is not text; give a chemical formula such as 'GaAs'.")
-    if not formula.strip():
-        raise FeatureError(f"formula {formula!r} is empty; give a chemical formula such as 'GaAs'.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            comp = Composition(formula)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise FeatureError(
-            f"formula {formula!r} cannot be parsed ({exc}); write it like 'SrTiO3' or 'Ga0.5In0.5As'."
-        ) from exc
-    unknown = [getattr(sp, "symbol", str(sp)) for sp in comp.elements if not isinstance(sp, Element)]
-    if unknown:
-        raise FeatureError(
-            f"formula {formula!r} contains unknown element(s) {unknown}; check the symbols' spelling and case."
-        )
-    if comp.num_atoms <= 0:
-        raise FeatureError(f"formula {formula!r} has no atoms; amounts must be positive.")
-    return comp
+        return written_elements(formula)
+    except FormulaError as exc:
+        raise FeatureError(str(exc)) from None
 
 
 def composition_feature_names() -> list[str]:
@@ -215,7 +73,7 @@ def composition_features(formula: str) -> dict[str, float]:
     Raises:
         FeatureError: unparseable or empty formula, or an unknown element, naming the formula.
     """
-    comp = parse_composition(formula)
+    comp = _composition(formula)
     amounts = comp.get_el_amt_dict()
     symbols = sorted(amounts)
     fractions = np.array([amounts[s] for s in symbols], dtype=float)
@@ -237,26 +95,6 @@ def composition_features(formula: str) -> dict[str, float]:
     return out
 
 
-_TOKEN = re.compile(r"([A-Z][a-z]?)(\d*\.?\d*)")
-
-
-def written_elements(formula: str) -> list[tuple[str, float]]:
-    """The elements of a formula in the order it is written, with their amounts (a repeated symbol is merged
-    into its first position): ``"SrTiO3"`` -> ``[("Sr", 1), ("Ti", 1), ("O", 3)]``.
-
-    Raises:
-        FeatureError: as :func:`parse_composition` (the formula is parsed by pymatgen first), or a formula with
-            brackets, whose written order is ambiguous.
-    """
-    parse_composition(formula)
-    if re.search(r"[()\[\]]", formula):
-        raise FeatureError(f"formula {formula!r}: site-ordered features need a flat formula such as 'SrTiO3'.")
-    order: dict[str, float] = {}
-    for symbol, amount in _TOKEN.findall(formula.replace(" ", "")):
-        order[symbol] = order.get(symbol, 0.0) + (float(amount) if amount else 1.0)
-    return list(order.items())
-
-
 def ordered_feature_names(positions: int) -> list[str]:
     """Names of :func:`ordered_features`: ``"site<k>_<property>"`` and ``"site<k>_fraction"``, k = 0..positions-1."""
     return [f"site{k}_{p}" for k in range(positions) for p in (*ELEMENT_PROPERTIES, "fraction")]
@@ -271,7 +109,7 @@ def ordered_features(formula: str, positions: int) -> dict[str, float]:
     descriptor (the k-th most electropositive element). Positions past the last element are NaN (impute them,
     as :func:`featurize_formulas` does).
     """
-    elements = written_elements(formula)
+    elements = _written_elements(formula)
     total = sum(amount for _, amount in elements)
     out: dict[str, float] = {}
     for k in range(positions):
@@ -295,13 +133,13 @@ def site_elements(formula: str, positions: int) -> dict[str, float]:
 
     ``"SrTiO3"`` with 3 positions -> ``{"site0_element": 38, "site1_element": 22, "site2_element": 8}``. The codes
     are labels, not magnitudes: give their columns (:func:`site_element_columns`) to a kernel that only compares
-    them for equality (:func:`materials.optimize.site_kernel`). A formula with fewer written elements than
+    them for equality (:func:`materials.bo.optimize.site_kernel`). A formula with fewer written elements than
     ``positions`` (``"Ac2O3"`` in an ABO3 pool, A = B merged) gets code 0, a category of its own.
 
     Raises:
         FeatureError: as :func:`written_elements`.
     """
-    elements = written_elements(formula)
+    elements = _written_elements(formula)
     return {
         name: float(Element(elements[k][0]).Z) if k < len(elements) else 0.0
         for k, name in enumerate(site_element_names(positions))
@@ -377,7 +215,7 @@ def oxidation_features(formula: str, positions: int) -> dict[str, float]:
     Raises:
         FeatureError: as :func:`written_elements`.
     """
-    elements = written_elements(formula)
+    elements = _written_elements(formula)
     comp = Composition(formula)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -416,10 +254,10 @@ GAP_MODEL_FEATURES = ("gap_pbe", "gap_pbe_std", "p_metal_pbe")
 
 def gap_model_features(formulas: Sequence[str], model_path: str | None = None) -> list[dict[str, float] | str]:
     """Predicted PBE band gap, its ensemble σ and P(metal) per formula from the shipped band-gap model
-    (:mod:`materials.bandgap`), named ``model_<column>``; a formula the model cannot read gives its reason (str).
+    (:mod:`materials.ml.bandgap`), named ``model_<column>``; a formula the model cannot read gives its reason (str).
     The model was trained on Materials Project gaps: a pool drawn from MP shares compositions with its training set.
     """
-    from materials.bandgap import predict_gaps
+    from materials.ml.bandgap import predict_gaps
 
     out: list[dict[str, float] | str] = []
     for row in predict_gaps(formulas, model_path):
@@ -468,7 +306,7 @@ def featurize_formulas(
         counts = []
         for formula in formulas:
             try:
-                counts.append(len(written_elements(formula)))
+                counts.append(len(_written_elements(formula)))
             except FeatureError:
                 continue
         positions = min(max(counts, default=1), MAX_ORDERED_POSITIONS)

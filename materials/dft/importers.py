@@ -35,8 +35,9 @@ from ase.units import GPa
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from materials.composition import reduced_formula
+from materials.datasets.records import ReferenceRow, ReferenceSet, canonical_property, finite_float
 from materials.errors import InputError
-from materials.reference import ReferenceRow, ReferenceSet, canonical_property, finite_float, reduced_formula
 
 #: File names recognised when a folder is imported (searched recursively).
 VASPRUN_PATTERNS = ("vasprun.xml", "vasprun.xml.gz", "vasprun*.xml", "vasprun*.xml.gz")

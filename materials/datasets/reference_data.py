@@ -2,7 +2,7 @@
 
 Every source is read into one small table form, a :class:`ReferenceSet` of :class:`ReferenceRow`, holding one
 property in its canonical unit (``band_gap`` in eV, ``formation_energy`` in eV/atom) with pymatgen reduced
-formulas, so that :mod:`materials.validation` matches and scores any of them the same way.
+formulas, so that :mod:`materials.datasets.validation` matches and scores any of them the same way.
 
 Shipped sets (``materials/data``, provenance in its README), by ``load_reference(name, property, method)``:
 
@@ -25,32 +25,27 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-from pymatgen.core import Composition, Element, Structure
+from pymatgen.core import Composition, Structure
 
+from materials.composition import case_hint, reduced_formula
+from materials.datasets.records import (
+    ReferenceRow,
+    ReferenceSet,
+    canonical_property,
+    finite_float,
+    read_packaged_csv,
+    read_text_file,
+)
+from materials.dft import importers as dft_import
 from materials.errors import InputError
-
-#: Canonical unit of each property (values in a ReferenceSet are always in these units).
-PROPERTY_UNITS = {"band_gap": "eV", "formation_energy": "eV/atom"}
-
-#: Names accepted for each property (case-insensitive; spaces and hyphens read as underscores).
-PROPERTY_ALIASES = {
-    "band_gap": "band_gap",
-    "bandgap": "band_gap",
-    "gap": "band_gap",
-    "formation_energy": "formation_energy",
-    "formation_energy_per_atom": "formation_energy",
-    "e_form": "formation_energy",
-}
+from materials.structures.inputs import StructureCheckError, read_structure
+from materials.thermo.stability import HullTable
 
 #: 1 eV per particle in kJ/mol (CODATA 2018: e * N_A / 1000).
 EV_IN_KJ_PER_MOL = 96.48533212
@@ -72,9 +67,6 @@ LAB_UNITS: dict[str, dict[str, float]] = {
 LAB_REQUIRED_COLUMNS = ("property", "value", "unit", "source")
 LAB_OPTIONAL_COLUMNS = ("formula", "structure_file", "uncertainty", "id", "method", "notes")
 
-#: How several reference rows for one formula (or one structure) become one reference value; see
-#: :func:`materials.validation.match`.
-DUPLICATE_POLICIES = ("mean", "ground_state", "closest")
 
 BORLIDO_FILE = "borlido2019_revised_bandgaps.csv.gz"
 ZHUO_FILE = "zhuo2018_experimental_bandgaps.csv.gz"
@@ -97,227 +89,12 @@ class LabDataError(InputError):
         super().__init__(f"{path}: {len(self.errors)} problem(s) (line numbers count the header as line 1):\n{lines}")
 
 
-class RecordWithStructure:
-    """``as_dict``/``from_dict`` for a flat record dataclass whose ``structure`` field holds a pymatgen Structure
-    or None (serialised with the Structure's own ``as_dict``)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not dataclasses.asdict: it deep-copies
-        if d.get("structure") is not None:
-            d["structure"] = d["structure"].as_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        d = dict(d)
-        if d.get("structure") is not None:
-            d["structure"] = Structure.from_dict(d["structure"])
-        return cls(**d)
-
-
-@dataclass
-class ReferenceRow(RecordWithStructure):
-    """One reference value.
-
-    Attributes:
-        id: unique within its set (``borlido:mp-2534``, ``zhuo:17``, an MP id, or the lab CSV's id).
-        formula: pymatgen reduced formula (``InCuSe2``, not ``CuInSe2``).
-        value: in the set's canonical unit (eV for band_gap, eV/atom for formation_energy).
-        uncertainty: one standard uncertainty, same unit as ``value``; None when not stated.
-        method: ``experiment``, ``PBE``, ``HSE06``, ...
-        source: DOI or citation.
-        mp_id: the Materials Project id of the polymorph, when known.
-        structure: the polymorph's structure, when given (lab CSV ``structure_file``).
-        e_form_per_atom: MP formation energy (eV/atom) of the polymorph, when known; ranks polymorphs for the
-            ``ground_state`` duplicate policy.
-    """
-
-    id: str
-    formula: str
-    value: float
-    uncertainty: float | None
-    method: str
-    source: str
-    mp_id: str | None = None
-    structure: Structure | None = None
-    e_form_per_atom: float | None = None
-
-
-@dataclass
-class ReferenceSet:
-    """Reference values of one property from one source.
-
-    Attributes:
-        name: ``borlido``, ``zhuo``, ``mp`` or the lab CSV's file name.
-        property: ``band_gap`` (eV) or ``formation_energy`` (eV/atom); see ``unit``.
-        rows: the values; several rows may share a formula (polymorphs, repeated measurements).
-        duplicate_policy: how matching by formula turns several rows into one value (``DUPLICATE_POLICIES``).
-        source: citation of the whole set.
-        notes: what the loader left out or assumed, for the report.
-    """
-
-    name: str
-    property: str
-    rows: list[ReferenceRow]
-    duplicate_policy: str = "mean"
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.property not in PROPERTY_UNITS:
-            raise ValueError(f"{self.property=} is not one of {sorted(PROPERTY_UNITS)}")
-        if self.duplicate_policy not in DUPLICATE_POLICIES:
-            raise ValueError(f"{self.duplicate_policy=} is not one of {DUPLICATE_POLICIES}")
-
-    @property
-    def unit(self) -> str:
-        return PROPERTY_UNITS[self.property]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "property": self.property,
-            "rows": [r.as_dict() for r in self.rows],
-            "duplicate_policy": self.duplicate_policy,
-            "source": self.source,
-            "notes": list(self.notes),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ReferenceSet:
-        d = dict(d)
-        d["rows"] = [ReferenceRow.from_dict(r) for r in d["rows"]]
-        return cls(**d)
-
-
-@lru_cache(maxsize=1 << 18)  # every MP formula fits: reloading a set skips re-parsing
-def reduced_formula(formula: str) -> str:
-    """pymatgen reduced formula of ``formula`` (``CuInSe2`` -> ``InCuSe2``), the key every match uses.
-
-    Raises:
-        ValueError: not a formula of real elements (pymatgen alone would accept ``Xy2`` as a dummy species).
-    """
-    text = formula.strip()
-    try:
-        with warnings.catch_warnings():
-            # noble gases have no Pauling electronegativity; pymatgen warns but orders them consistently
-            warnings.simplefilter("ignore", UserWarning)
-            comp = Composition(text)
-            reduced = comp.reduced_formula
-    except Exception as exc:  # pymatgen raises ValueError, KeyError, ... for different malformed strings
-        raise InputError(f"{formula!r} is not a chemical formula ({exc})") from exc
-    unknown = [el.symbol for el in comp if not isinstance(el, Element)]  # pymatgen reads "Xy" as a DummySpecies
-    if not text or unknown or comp.num_atoms <= 0:
-        raise InputError(f"{formula!r} is not a chemical formula of real elements (unknown: {unknown or 'none'})")
-    return reduced
-
-
-#: Lower-case element symbol -> symbol, for reading formulas typed in the wrong case.
-_SYMBOLS_BY_LOWER = {el.symbol.lower(): el.symbol for el in Element}
-
-
-def recapitalised_formulas(formula: str, limit: int = 3) -> list[str]:
-    """Spellings of an unparseable ``formula`` that differ only in letter case and do parse (``si`` -> ``Si``,
-    ``SI``; ``GAAS`` -> ``GaAs``), at most ``limit``. Empty when ``formula`` parses as written or no re-casing of it
-    reads as real elements (``Xx2``), so a non-empty answer means "a case typo".
-
-    Most likely first: fewest elements heavier than Bi (``Ba(NO3)2`` before nobelium ``Ba(No3)2``), then fewest
-    element symbols as written (``Si`` before ``SI``, ``CoO2`` before ``COO2``)."""
-    text = formula.strip()
-    if not any(c.isalpha() for c in text):
-        return []
-    if _parses(text):  # already a formula: nothing to suggest
-        return []
-    readings: dict[str, tuple[str, ...]] = {}
-
-    def walk(i: int, built: str, symbols: tuple[str, ...]) -> None:
-        if len(readings) >= 64:  # long all-caps strings have many readings; the first few are what we show
-            return
-        if i == len(text):
-            readings.setdefault(built, symbols)
-            return
-        if not text[i].isalpha():
-            walk(i + 1, built + text[i], symbols)
-            return
-        for width in (2, 1):
-            chunk = text[i : i + width]
-            if len(chunk) == width and chunk.isalpha() and chunk.lower() in _SYMBOLS_BY_LOWER:
-                symbol = _SYMBOLS_BY_LOWER[chunk.lower()]
-                walk(i + width, built + symbol, (*symbols, symbol))
-
-    walk(0, "", ())
-    ranked = []
-    for reading, symbols in readings.items():
-        try:
-            reduced_formula(reading)
-        except ValueError:
-            continue
-        heavy = sum(Element(s).Z > Element("Bi").Z for s in set(symbols))
-        ranked.append(((heavy, len(symbols), reading), reading))
-    return [reading for _, reading in sorted(ranked)[:limit]]
-
-
-def case_hint(formula: str) -> str:
-    """``"; formulas are case-sensitive: did you mean 'Si' (or 'SI')?"`` for a case typo, else ``""``."""
-    readings = recapitalised_formulas(formula)
-    if not readings:
-        return ""
-    others = f" (or {', '.join(map(repr, readings[1:]))})" if len(readings) > 1 else ""
-    return f"; formulas are case-sensitive: did you mean {readings[0]!r}{others}?"
-
-
-def canonical_property(name: str) -> str:
-    """``band_gap`` or ``formation_energy`` for any accepted spelling (``PROPERTY_ALIASES``).
-
-    Raises:
-        ValueError: unknown property, listing the accepted names.
-    """
-    key = name.strip().lower().replace(" ", "_").replace("-", "_")
-    if key not in PROPERTY_ALIASES:
-        raise InputError(f"unknown property {name!r}: use one of {sorted(PROPERTY_ALIASES)}")
-    return PROPERTY_ALIASES[key]
-
-
-def read_text_file(path: str | Path) -> str:
-    """The text of a user's table file (``.csv`` or ``.csv.gz``), UTF-8 with or without the byte-order mark that
-    Excel writes. The one reader of user CSVs (lab data, predictions, pools, predict-gap input).
-
-    Raises:
-        FileNotFoundError: no such file (the message gives the absolute path).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(2, "no such file", str(path.resolve()))
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return data.decode("utf-8-sig")
-
-
-def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a user's CSV file as dicts keyed by the header (see :func:`read_text_file`)."""
-    return list(csv.DictReader(io.StringIO(read_text_file(path), newline="")))
-
-
-def read_packaged_csv(name: str) -> list[dict[str, str]]:
-    """Rows of a gzipped CSV shipped in ``materials/data`` (as strings)."""
-    # csv module, not pandas: pandas reads sodium nitride's formula "NaN" as a missing value
-    with resources.files("materials.data").joinpath(name).open("rb") as raw:
-        text = gzip.decompress(raw.read()).decode()
-    return list(csv.DictReader(io.StringIO(text)))
-
-
 @lru_cache(maxsize=1)
 def mp_formation_energies() -> Mapping[str, tuple[str, float]]:
     """MP id -> (formula as stored, formation energy eV/atom on the MP2020 scale), read-only, from the shipped
-    table read by ``materials.stability.ReferenceTable`` (the one reader of that file). Read once per process:
+    table read by ``materials.thermo.stability.HullTable`` (the one reader of that file). Read once per process:
     it is immutable package data and ranks polymorphs in every shipped set."""
-    from materials.stability import ReferenceTable
-
-    table = {row.material_id: (row.formula, row.e_form_per_atom) for row in ReferenceTable.load().rows}
+    table = {row.material_id: (row.formula, row.e_form_per_atom) for row in HullTable.load().rows}
     return MappingProxyType(table)
 
 
@@ -419,7 +196,7 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
 
     Args:
         name: ``borlido`` | ``zhuo`` | ``mp`` | path to a lab-data CSV (see :func:`load_lab_csv`) | existing DFT:
-            a ``vasprun.xml``, an ``.extxyz``, or a folder of them (see :mod:`materials.dft_import`).
+            a ``vasprun.xml``, an ``.extxyz``, or a folder of them (see :mod:`materials.dft.importers`).
         property: ``band_gap`` (eV) or ``formation_energy`` (eV/atom); any spelling in ``PROPERTY_ALIASES``.
         method: Borlido only: which column (``experiment`` by default, ``PBE``, ``HSE06``, ...; see
             :func:`borlido_methods`). ``mp`` accepts ``PBE``, ``zhuo`` accepts ``experiment``.
@@ -444,30 +221,9 @@ def load_reference(name: str | Path, property: str, method: str | None = None) -
         return _mp(prop)
     if method is not None:
         raise InputError(f"method={method!r} applies to the borlido set; a lab CSV gives a method per row")
-    from materials import dft_import  # imports this module
-
     if dft_import.is_dft_path(name):
         return dft_import.to_reference_set(dft_import.import_dft(name), prop, Path(name).name)
     return load_lab_csv(name, property=prop)
-
-
-def _parses(text: str) -> bool:
-    """True when ``text`` reads as a formula as written."""
-    try:
-        reduced_formula(text)
-    except ValueError:
-        return False
-    return True
-
-
-def finite_float(value: Any) -> float | None:
-    """``value`` as a finite float, or None for text that is not a number, None, NaN or ±inf (the caller says
-    which item lacked a value)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def load_lab_csv(path: str | Path, property: str | None = None) -> ReferenceSet:
@@ -642,7 +398,6 @@ def _lab_row(rec: dict[str, str], line: int, folder: Path, file_name: str) -> tu
 
 
 def _lab_structure(text: str, folder: Path) -> tuple[Structure | None, str | None]:
-    from materials.structures import StructureCheckError, read_structure
 
     path = Path(text)
     if not path.is_absolute():

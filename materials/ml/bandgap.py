@@ -6,7 +6,7 @@ The idea is Roost's (Goodall & Lee, Nat. Commun. 11, 6280 (2020)); the code is o
 * **Graph** (:func:`composition_graph`): one node per element of the reduced formula, carrying its atomic number
   and atomic fraction ``w``; directed edges between every ordered pair of nodes, self-loops included (so an
   element alone still exchanges a message with itself).
-* **Node inputs**: the 18 element properties of :mod:`materials.features` (standardised over Z = 1..103) next to a
+* **Node inputs**: the 18 element properties of :mod:`materials.ml.features` (standardised over Z = 1..103) next to a
   learned per-element embedding.
 * **Messages** (:class:`FractionAttention`): node i attends to every node j with weights
   ``a_ij = w_j exp(e_ij) / sum_k w_k exp(e_ik)`` (a softmax over ``e_ij + log w_j``), several heads, residual
@@ -30,7 +30,6 @@ import copy
 import functools
 import hashlib
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,8 +47,12 @@ from torch_geometric.data import Data
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter, softmax
 
+from materials.composition import FormulaError, formula_symbols, parse_composition
+from materials.datasets.records import read_packaged_csv
+from materials.datasets.reference_data import MP_GAPS_FILE, ZHUO_FILE, load_reference
 from materials.errors import InputError
-from materials.features import ELEMENT_PROPERTIES, FeatureError, element_properties, parse_composition
+from materials.ml.elements import ELEMENT_PROPERTIES, element_properties
+from materials.structures.candidates import charge_balanced
 
 #: Fidelities the ensemble predicts.
 FIDELITIES = ("pbe", "expt")
@@ -177,7 +180,7 @@ def element_input_table() -> torch.Tensor:
     """Element properties of Z = 0..MAX_Z standardised over Z = 1..103, float32 of shape (MAX_Z + 1, 18).
 
     Row 0 is zeros (padding); units before standardising are those of
-    :data:`materials.features.ELEMENT_PROPERTIES`.
+    :data:`materials.ml.features.ELEMENT_PROPERTIES`.
     """
     table = np.zeros((MAX_Z + 1, len(ELEMENT_PROPERTIES)), dtype=np.float64)
     for z in range(1, MAX_Z + 1):
@@ -196,7 +199,7 @@ def formula_elements(formula: str) -> tuple[str, np.ndarray, np.ndarray]:
     """
     try:
         comp = parse_composition(formula)
-    except FeatureError as exc:
+    except FormulaError as exc:
         raise BandGapError(str(exc)) from None
     amounts = comp.get_el_amt_dict()
     symbols = sorted(amounts, key=lambda s: Element(s).Z)
@@ -215,12 +218,11 @@ def training_elements() -> frozenset[str]:
     embedding row (Z <= 118), but one absent from these files has an embedding no training composition ever
     shaped, so :func:`predict_gaps` gives no number for it. A superset of what one ensemble saw: an element present
     only in held-out compositions passes."""
-    from materials.reference import MP_GAPS_FILE, ZHUO_FILE, read_packaged_csv
 
     symbols: set[str] = set()
     for name, column in ((MP_GAPS_FILE, "pretty_formula"), (ZHUO_FILE, "composition")):
         for row in read_packaged_csv(name):  # plain formulas: their capitalised tokens are the element symbols
-            symbols.update(re.findall(r"[A-Z][a-z]?", row[column]))
+            symbols.update(formula_symbols(row[column]))
     return frozenset(symbols)
 
 
@@ -505,8 +507,6 @@ def chemistry_features(formulas: Sequence[str]) -> np.ndarray:
     fractions of metals and of transition metals (pymatgen's element classes). What chemistry knows about
     metals: a balanced, strongly ionic formula rarely is one; a formula of metal atoms often is."""
     from pymatgen.core import Composition
-
-    from materials.candidates import charge_balanced
 
     out = np.zeros((len(formulas), len(CHEMISTRY_COLUMNS)))
     for i, formula in enumerate(formulas):
@@ -1127,7 +1127,6 @@ def reference_gaps(name: str, method: str | None = None) -> dict[str, float]:
     """Band gap (eV) per reduced formula of a shipped set: ``mp`` (PBE, ground-state polymorph), ``zhuo``
     (experiment, mean of repeated measurements) or ``borlido`` (experiment, or the column ``method``;
     ground-state polymorph)."""
-    from materials.reference import load_reference
 
     ref = load_reference(name, "band_gap", method=method)
     return _per_formula(ref.rows, "mean" if name == "zhuo" else "ground_state")

@@ -4,7 +4,7 @@ Four steps, each a plain function so the pipeline (``pipelines/finetune_run.py``
 Ray tasks:
 
 1. **Data.** :func:`perturbed_structures` makes rattled and strained copies of a candidate (seeded);
-   :func:`dft_frames` labels them with GPAW through :mod:`materials.dft` (single points, or the ionic steps of a
+   :func:`dft_frames` labels them with GPAW through :mod:`materials.dft.gpaw` (single points, or the ionic steps of a
    short DFT relaxation) as ASE ``Atoms`` carrying ``REF_energy`` (eV), ``REF_forces`` (eV/Å, shape (n, 3)) and
    ``REF_stress`` (eV/Å³, Voigt 6-vector), plus the DFT settings in ``atoms.info`` (keys ``dft_*``).
 2. **Validation.** :func:`validate_training_set` refuses a set with missing labels, mixed functionals or mixed
@@ -17,7 +17,7 @@ Ray tasks:
    comparable energy metric is the *relative* energy within one composition (:func:`relative_energy_mae`).
 
 **E0s (per-element reference energies MACE adds to its interaction energy).** We use the *elemental-solid*
-references computed with the same DFT settings (:func:`materials.dft.elemental_references`, cached), not
+references computed with the same DFT settings (:func:`materials.dft.gpaw.elemental_references`, cached), not
 isolated atoms: (1) a plane-wave code needs a large vacuum box, spin polarisation and symmetry breaking for an
 isolated atom — slow and fragile — while the elemental solids are already computed and cached for formation
 energies; (2) with E0 = μ(element) the learnt interaction energy *is* the formation energy (small, ~0.1-1
@@ -51,7 +51,8 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from materials.dft import DFTResult, DFTSettings, settings_hash
+from materials.dft import gpaw as dft
+from materials.dft.gpaw import DFTResult, DFTSettings, settings_hash
 from materials.errors import InputError, RunError
 
 #: ``atoms.info`` / ``atoms.arrays`` keys of the labels (mace-torch's ``--energy_key`` etc.).
@@ -279,8 +280,6 @@ def dft_frames(
 ) -> LabelOutcome:
     """Label ``atoms`` with GPAW: one single point (``relax_steps == 0``) or every ionic step of a relaxation of
     at most ``relax_steps`` steps (positions + cell). A failed calculation gives no frames and its reason."""
-    from materials import dft
-
     start = time.perf_counter()
     if relax_steps == 0:
         result = dft.single_point(atoms, settings, item_id=frame_id, log_path=log_path)
@@ -309,7 +308,7 @@ def result_frames(result: DFTResult, settings: DFTSettings, frame_id: str, confi
 
 
 class RelaxRecorder:
-    """``on_step`` callback of :func:`materials.dft.relax`: every ionic step (the start included) becomes a
+    """``on_step`` callback of :func:`materials.dft.gpaw.relax`: every ionic step (the start included) becomes a
     labelled frame with energy, forces and stress, id ``<frame_id>-step<i>``, kept in ``frames``."""
 
     def __init__(self, settings: DFTSettings, frame_id: str, config_type: str = "relax"):
@@ -367,12 +366,12 @@ def validate_training_set(frames: Sequence[Atoms]) -> None:
         if forces is None or np.shape(forces) != (len(frame), 3) or not np.all(np.isfinite(forces)):
             raise TrainingSetError(
                 f"{name} has missing or invalid forces (arrays[{FORCES_KEY!r}], need shape ({len(frame)}, 3)): "
-                "recompute it with forces (materials.finetune.dft_frames records them) or drop it"
+                "recompute it with forces (materials.potentials.finetune.dft_frames records them) or drop it"
             )
         if "dft_xc" not in frame.info:
             raise TrainingSetError(
                 f"{name} does not record its functional (info['dft_xc']): label it with "
-                "materials.finetune.dft_frames / dft_metadata so the set can be checked"
+                "materials.potentials.finetune.dft_frames / dft_metadata so the set can be checked"
             )
         if str(frame.info["dft_xc"]) != str(first.info.get("dft_xc")):
             raise TrainingSetError(

@@ -13,7 +13,7 @@ mace is imported lazily, only when a MACE model is asked for: importing it sets
 :func:`mace_unpickling` and the variable is restored afterwards.
 
 Every potential declares an energy convention (how its energies relate to Materials Project's; see
-:mod:`materials.stability`): CHGNet ``mp2020``, MACE and SevenNet ``uncorrected``, EMT ``self``, unless the spec
+:mod:`materials.thermo.stability`): CHGNet ``mp2020``, MACE and SevenNet ``uncorrected``, EMT ``self``, unless the spec
 says otherwise.
 """
 
@@ -31,6 +31,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from materials.errors import SemidiscError
+from materials.thermo.stability import mp_elemental_energies
 
 #: Elements ASE's EMT has parameters for.
 EMT_ELEMENTS = frozenset({"Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O"})
@@ -301,8 +302,6 @@ def training_elements(spec: PotentialSpec, calculator: Calculator | None = None)
     of MP's elemental references; CHGNet runs on Z 1-94 but Po, At, Rn, Fr and Ra never occur in MPtrj);
     otherwise what :func:`supported_elements` says."""
     if spec.name == "chgnet":
-        from materials.stability import mp_elemental_energies
-
         return frozenset(mp_elemental_energies())
     return supported_elements(spec, calculator)
 

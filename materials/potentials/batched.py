@@ -1,9 +1,10 @@
 """Batched relaxation with torch-sim: FIRE over many structures at once, one model call per step for the batch.
 
-The same relaxation as :func:`materials.relax.relax_structure` (positions and cell with a Frechet cell filter,
-ASE's FIRE parameters, convergence when every atomic force and every cell-force row is below ``fmax``), the
-same :class:`~materials.relax.RelaxResult` records and the same blow-up checks, so the rest of the pipeline does
-not know which path ran. Batching is memory-aware: at most ``RelaxSettings.batch_max_atoms`` atoms in one model
+The same relaxation as :func:`materials.potentials.relax.relax_structure` (positions and cell with a Frechet cell
+filter, ASE's FIRE parameters, convergence when every atomic force and every cell-force row is below ``fmax``), the
+same :class:`~materials.potentials.relax.RelaxResult` records and the same blow-up checks, so the rest of the
+pipeline does not know which path ran. Batching is memory-aware: at most ``RelaxSettings.batch_max_atoms`` atoms in
+one model
 call (``None``: torch-sim's estimate from free GPU memory), converged structures swapped out and waiting ones in
 (in-flight batching, our loop in :func:`_relax_together`; torch-sim's FIRE initialisation and Frechet-cell state).
 
@@ -33,8 +34,8 @@ from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 from torch_sim.models.interface import ModelInterface
 
-from materials.potentials import PotentialError, PotentialSpec
-from materials.relax import RelaxResult, RelaxSettings, _blow_up_reason
+from materials.potentials.calculators import PotentialError, PotentialSpec, sevennet_checkpoint_path
+from materials.potentials.relax import RelaxResult, RelaxSettings, blow_up_reason
 
 
 class CHGNetModel(ModelInterface):
@@ -414,7 +415,7 @@ class MACEModel(ModelInterface):
 
 
 def batched_model(spec: PotentialSpec, calculator: Calculator) -> ModelInterface:
-    """The torch-sim model for an ASE calculator made by :func:`materials.potentials.load_potential`.
+    """The torch-sim model for an ASE calculator made by :func:`materials.potentials.calculators.load_potential`.
 
     Shares the calculator's loaded weights (no second load). Raises :class:`PotentialError` for a potential
     without a batched model (EMT).
@@ -439,8 +440,6 @@ def sevennet_model(spec: PotentialSpec, device: torch.device) -> ModelInterface:
     checkpoint is built a second time rather than shared (float32, SevenNet's own precision)."""
     from sevenn.util import load_checkpoint
     from torch_sim.models.sevennet import SevenNetModel
-
-    from materials.potentials import sevennet_checkpoint_path
 
     model = load_checkpoint(str(sevennet_checkpoint_path(spec))).build_model()
     modal = "PBE" if (spec.model or "7net-0") == "7net-mf-0" else None
@@ -867,8 +866,9 @@ def relax_structures_batched(
 
 
 def _may_blow_up(final: _Final, v0: float, settings: RelaxSettings) -> bool:
-    """False when none of :func:`materials.relax._blow_up_reason`'s tests can fire (same formulas; the distance
-    test decided on the device): then the exact function, whose all-pairs distances cost ~5 ms per structure, is
+    """False when none of :func:`materials.potentials.relax.blow_up_reason`'s tests can fire (same formulas; the
+    distance test decided on the device): then the exact function, whose all-pairs distances cost ~5 ms per structure,
+    is
     skipped. True defers to it, so the failure reasons stay those of the ASE path."""
     n = len(final.atoms)
     if final.close_pair or not math.isfinite(final.energy) or final.energy / n < settings.min_energy_per_atom:
@@ -897,7 +897,7 @@ def _result(
         volume_per_atom=final.atoms.get_volume() / n,
         seconds=seconds,
     )
-    reason = _blow_up_reason(final.atoms, final.energy, v0, settings) if _may_blow_up(final, v0, settings) else None
+    reason = blow_up_reason(final.atoms, final.energy, v0, settings) if _may_blow_up(final, v0, settings) else None
     if reason is not None:
         result.failure_reason = reason
         return result

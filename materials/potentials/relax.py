@@ -35,7 +35,8 @@ class RelaxSettings:
         min_energy_per_atom: failure if the energy falls below this, eV/atom (no solid is below ~-15).
         min_distance: failure if two atoms end closer than this, Å (collapse).
         batched: relax many structures together with torch-sim (FIRE + Frechet cell filter, batched on the
-            model; :mod:`materials.batched`) instead of one ASE relaxation after another. chgnet and mace only.
+            model; :mod:`materials.potentials.batched`) instead of one ASE relaxation after another. chgnet and mace
+            only.
         batch_max_atoms: the autobatcher's memory limit for ``batched``: at most this many atoms in one model
             call (a structure larger than that is relaxed alone); ``None``: torch-sim estimates it from free GPU
             memory (CUDA only).
@@ -95,7 +96,7 @@ def _min_distance(atoms: Atoms) -> float:
     return float(distances.min())
 
 
-def _blow_up_reason(atoms: Atoms, energy: float, v0: float, settings: RelaxSettings) -> str | None:
+def blow_up_reason(atoms: Atoms, energy: float, v0: float, settings: RelaxSettings) -> str | None:
     n = len(atoms)
     if not math.isfinite(energy):
         return f"energy is {energy} (NaN/inf) after relaxation"
@@ -127,7 +128,8 @@ def relax_structure(
 
     Args:
         structure: starting structure (pymatgen or ASE, periodic).
-        calculator: an ASE calculator (see :func:`materials.potentials.load_potential`); reused across calls.
+        calculator: an ASE calculator (see :func:`materials.potentials.calculators.load_potential`); reused across
+            calls.
         settings: convergence and blow-up thresholds.
         item_id: name used in the result and in messages.
     """
@@ -162,7 +164,7 @@ def relax_structure(
     result.stress = [float(s) for s in stress]
     result.volume_per_atom = atoms.get_volume() / n
     result.seconds = time.perf_counter() - start
-    reason = _blow_up_reason(atoms, energy, v0, settings)
+    reason = blow_up_reason(atoms, energy, v0, settings)
     if reason is not None:
         result.failure_reason = reason
         return result

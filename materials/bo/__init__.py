@@ -1,0 +1,1 @@
+"""Bayesian optimisation over a discrete candidate pool: surrogate, acquisition, proposal (:mod:`.optimize`)."""
