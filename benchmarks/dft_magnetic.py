@@ -2,7 +2,7 @@
 
 For MnO, FeO, CoO, NiO (rocksalt) and ZnO (wurtzite, the non-magnetic control), each handed over as its
 primitive cell (2 or 4 atoms) at the experimental room-temperature geometry, the DFT task of ``semidisc dft``
-(``pipelines.dft_run._dft_task``, band gap on, no relaxation) does what a user's run does:
+(``pipelines.dft_run.dft_task``, band gap on, no relaxation) does what a user's run does:
 
   * spin polarisation automatically for the magnetic elements (``materials.dft.gpaw.MAGNETIC_ELEMENTS``), the
     ferromagnetic and the simplest antiferromagnetic orderings (``materials.dft.gpaw.magnetic_orderings``: for a
@@ -64,7 +64,7 @@ from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
 from materials.datasets.reference_data import mp_formation_energies  # noqa: E402
 from materials.dft import gpaw as dft  # noqa: E402
-from pipelines.dft_run import DFTItem, _dft_task  # noqa: E402
+from pipelines.dft_run import DFTItem, dft_task  # noqa: E402
 
 #: Experimental room-temperature geometries, Å: rocksalt a; wurtzite a, c, u.
 COMPOUNDS: dict[str, dict[str, Any]] = {
@@ -165,7 +165,7 @@ def run(names: list[str], settings: dft.DFTSettings, out: Path) -> dict[str, Any
     for name in names:
         structure = structure_of(name)
         start = time.perf_counter()
-        record = _dft_task(
+        record = dft_task(
             DFTItem(name, "benchmark", structure.as_dict()),
             settings,
             do_relax=False,

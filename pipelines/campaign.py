@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +46,7 @@ from materials.potentials.finetune import read_frames, write_frames
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
+from pipelines.store import SQLiteStore
 
 
 class CampaignError(InputError):
@@ -113,34 +113,15 @@ def pool_from_rows(
     )
 
 
-class CampaignStore:
-    """SQLite state of one campaign: proposals per iteration, evaluations as they arrive, meta."""
+class CampaignStore(SQLiteStore):
+    """SQLite state of one campaign: proposals per iteration, evaluations as they arrive, fine-tunes, meta."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS iterations (iteration INTEGER PRIMARY KEY, kind TEXT, proposal TEXT);
-            CREATE TABLE IF NOT EXISTS evaluations (pool_index INTEGER PRIMARY KEY, iteration INTEGER, id TEXT,
-                formula TEXT, status TEXT, failure_reason TEXT, labels TEXT, objective TEXT, hit INTEGER);
-            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-            CREATE TABLE IF NOT EXISTS finetunes (iteration INTEGER PRIMARY KEY, status TEXT, record TEXT);
-            """
-        )
-        self._db.commit()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def set_meta(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
-        self._db.commit()
-
-    def get_meta(self, key: str, default: Any = None) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS iterations (iteration INTEGER PRIMARY KEY, kind TEXT, proposal TEXT);
+        CREATE TABLE IF NOT EXISTS evaluations (pool_index INTEGER PRIMARY KEY, iteration INTEGER, id TEXT,
+            formula TEXT, status TEXT, failure_reason TEXT, labels TEXT, objective TEXT, hit INTEGER);
+        CREATE TABLE IF NOT EXISTS finetunes (iteration INTEGER PRIMARY KEY, status TEXT, record TEXT);
+        """
 
     def add_iteration(self, iteration: int, kind: str, proposal: dict[str, Any]) -> None:
         self._db.execute("INSERT INTO iterations VALUES (?, ?, ?)", (iteration, kind, json.dumps(proposal)))
@@ -369,157 +350,250 @@ def _trace_plot(trace: Sequence[int], random_rate: float | None, path: Path, tit
 
 
 def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> CampaignSummary:
-    """Run or resume a campaign; see the module docstring. Returns its summary."""
-    import ray
-
-    from pipelines.execution import init_ray
-    from pipelines.tracking import Tracker, git_commit, redact
-
-    start = time.perf_counter()
-    out = Path(out_dir or config.output_dir)
-    # a CSV pool is read and checked before anything is written (a generated pool needs Ray: it is screened later)
+    """Run or resume a campaign; see the module docstring and :class:`Campaign`. Returns its summary."""
+    campaign = Campaign.open(config, out_dir, resume=resume)
+    status = "FAILED"
     try:
-        csv_pool = build_pool_and_oracle(config, out) if config.pool.csv else None
+        campaign.resume()
+        while campaign.step():
+            pass
+        summary = campaign.finish()
+        status = "FINISHED"
+        return summary
     except OracleError as exc:
         raise CampaignError(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = campaign_fingerprint(config)
-    store = CampaignStore(out / "campaign.sqlite")
-    previous = store.get_meta("fingerprint")
-    if previous is not None and previous != fingerprint:
-        if store.iterations():
-            store.close()
-            raise CampaignError(f"{out} holds a campaign with different settings; use another --out")
-        store.set_meta("mlflow_run_id", None)  # an earlier start that evaluated nothing: reuse the folder
-    if previous is not None and not resume and store.iterations():
-        store.close()
-        raise CampaignError(f"{out} already holds this campaign; pass --resume to continue it or choose another --out")
-    store.set_meta("fingerprint", fingerprint)
-    (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
+        status = "KILLED"
+        raise
+    finally:
+        campaign.close(status)
 
-    objective = objective_from_config(config)
-    mode = config.objective.mode
-    opt = config.optimizer
-    tracker = None
-    status = "FAILED"
-    started_ray = False
-    try:
-        started_ray = init_ray(config.ray)
-        pool, oracle = csv_pool or build_pool_and_oracle(config, out)
-        if len(pool.ids) < opt.n_init:
-            raise CampaignError(f"the pool has {len(pool.ids)} usable rows, fewer than optimizer.n_init={opt.n_init}")
-        tracker = Tracker(config.tracking, run_name=config.name, run_id=store.get_meta("mlflow_run_id"))
-        store.set_meta("mlflow_run_id", tracker.run_id)
-        tracker.log_params(config.flat_params())
-        tracker.set_tags(
+
+class Campaign:
+    """One campaign's state between its steps: the pool, the oracle, the store, the MLflow run, and what has been
+    evaluated (``order``: pool indices in evaluation order; ``done``: pool index -> evaluation record).
+
+    ``Campaign.open(config, out_dir, resume)`` checks the folder and starts Ray and the MLflow run; ``resume()``
+    finishes an iteration a stopped run left half evaluated (or evaluates the initial design of a new campaign);
+    each ``step()`` proposes, evaluates and records one BO iteration, returning False once the budget or the hit
+    target is reached; ``finish()`` writes evaluations.csv, the trace plot and the final metrics and returns the
+    :class:`CampaignSummary`; ``close(status)`` always ends the run. Every evaluation is stored as it arrives, so
+    a campaign stopped anywhere resumes from the store.
+    """
+
+    def __init__(
+        self,
+        config: CampaignConfig,
+        out: Path,
+        store: CampaignStore,
+        csv_pool: tuple[Pool, Any] | None,
+        started: float,
+    ):
+        self.config = config
+        self.out = out
+        self.store = store
+        self.objective = objective_from_config(config)
+        self.tracker = None
+        self.started_ray = False
+        self._started = started
+        self._csv_pool = csv_pool
+        self.pool: Pool
+        self.oracle: Any
+        self.order: list[int] = []
+        self.done: dict[int, dict[str, Any]] = {}
+        self.iteration = 0
+        self._acquisition: AcquisitionSettings | None = None
+
+    @classmethod
+    def open(cls, config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> Campaign:
+        """Check the output folder against the config (a different campaign there, or this one without
+        ``resume``, is refused before anything runs), then start Ray, build the pool and open the MLflow run.
+
+        Raises:
+            CampaignError: bad pool, folder holding another campaign, or too few usable rows.
+        """
+        from pipelines.tracking import redact
+
+        started = time.perf_counter()
+        out = Path(out_dir or config.output_dir)
+        # a CSV pool is read and checked before anything is written (a generated pool needs Ray: it is screened later)
+        try:
+            csv_pool = build_pool_and_oracle(config, out) if config.pool.csv else None
+        except OracleError as exc:
+            raise CampaignError(str(exc)) from None
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = campaign_fingerprint(config)
+        store = CampaignStore(out / "campaign.sqlite")
+        previous = store.get_meta("fingerprint")
+        if previous is not None and previous != fingerprint:
+            if store.iterations():
+                store.close()
+                raise CampaignError(f"{out} holds a campaign with different settings; use another --out")
+            store.set_meta("mlflow_run_id", None)  # an earlier start that evaluated nothing: reuse the folder
+        if previous is not None and not resume and store.iterations():
+            store.close()
+            raise CampaignError(
+                f"{out} already holds this campaign; pass --resume to continue it or choose another --out"
+            )
+        store.set_meta("fingerprint", fingerprint)
+        (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
+        campaign = cls(config, out, store, csv_pool, started)
+        try:
+            campaign._start()
+        except BaseException as exc:
+            campaign.close("FAILED")
+            if isinstance(exc, OracleError):
+                raise CampaignError(str(exc)) from None
+            raise
+        return campaign
+
+    def _start(self) -> None:
+        from pipelines.execution import init_ray
+        from pipelines.tracking import Tracker, git_commit
+
+        config, opt = self.config, self.config.optimizer
+        self.started_ray = init_ray(config.ray)
+        self.pool, self.oracle = self._csv_pool or build_pool_and_oracle(config, self.out)
+        if len(self.pool.ids) < opt.n_init:
+            raise CampaignError(
+                f"the pool has {len(self.pool.ids)} usable rows, fewer than optimizer.n_init={opt.n_init}"
+            )
+        self.tracker = Tracker(config.tracking, run_name=config.name, run_id=self.store.get_meta("mlflow_run_id"))
+        self.store.set_meta("mlflow_run_id", self.tracker.run_id)
+        self.tracker.log_params(config.flat_params())
+        self.tracker.set_tags(
             {
                 "git_commit": git_commit(),
-                "oracle": oracle.kind,
+                "oracle": self.oracle.kind,
                 "method": opt.method,
-                "objective_mode": mode,
-                "n_pool": len(pool.ids),
-                "n_skipped": len(pool.skipped),
+                "objective_mode": config.objective.mode,
+                "n_pool": len(self.pool.ids),
+                "n_skipped": len(self.pool.skipped),
             }
         )
-        if pool.skipped:
-            tracker.log_dict(pool.skipped, "skipped_pool_rows.json")
-            (out / "skipped_pool_rows.json").write_text(json.dumps(pool.skipped, indent=1))
+        if self.pool.skipped:
+            self.tracker.log_dict(self.pool.skipped, "skipped_pool_rows.json")
+            (self.out / "skipped_pool_rows.json").write_text(json.dumps(self.pool.skipped, indent=1))
+        self.done = {rec["pool_index"]: rec for rec in self.store.evaluations()}
+        self.order = [i for _, _, proposal in self.store.iterations() for i in proposal["indices"]]
 
-        done = {rec["pool_index"]: rec for rec in store.evaluations()}
-        order: list[int] = []
-        for _, _, proposal in store.iterations():
-            order.extend(proposal["indices"])
+    @property
+    def method(self) -> str:
+        opt = self.config.optimizer
+        return "bo-pareto" if (opt.method == "bo" and self.config.objective.mode == "pareto") else opt.method
 
-        def evaluate(indices: list[int], iteration: int) -> None:
-            todo = [i for i in indices if i not in done]
-            for index, result in oracle.evaluate(todo):
-                labels = result.get("labels", {})
-                ok = result["status"] == "ok"
-                rec = {
-                    "pool_index": index,
-                    "iteration": iteration,
-                    "id": pool.ids[index],
-                    "formula": pool.formulas[index],
-                    "status": result["status"],
-                    "failure_reason": result.get("failure_reason"),
-                    "labels": labels,
-                    "objective": objective.desirability(labels) if ok else None,
-                    "hit": ok and objective.is_hit(labels),
-                }
-                store.add_evaluation(rec)
-                done[index] = rec
+    def n_hits(self) -> int:
+        return sum(1 for i in self.order if self.done[i]["hit"])
 
-        def maybe_finetune(iteration: int) -> None:
-            """Fine-tune after every ``finetune_every``-th BO iteration unless an earlier run did it successfully
-            (a failed one is retried when its iteration is resumed, e.g. after fixing the finetune settings)."""
-            every = config.finetune_every
-            if not every or iteration < 1 or iteration % every or not isinstance(oracle, DFTOracle):
-                return
-            if any(r["iteration"] == iteration and r["status"] == "ok" for r in store.finetunes()):
-                return
-            frames = gathered_frames(oracle, order)
-            elements = sorted({s for _, fs in frames for f in fs for s in f.get_chemical_symbols()})
-            parent = finetune_parent(config, store.finetunes(), elements)
-            record = finetune_on_campaign_data(config, iteration, frames, parent, oracle.reference_dir, out)
-            store.add_finetune(record)
-            _log_finetune(tracker, config, record)
+    def evaluate(self, indices: Sequence[int], iteration: int) -> None:
+        """Evaluate the candidates not evaluated yet, storing each record as it arrives."""
+        todo = [i for i in indices if i not in self.done]
+        for index, result in self.oracle.evaluate(todo):
+            labels = result.get("labels", {})
+            ok = result["status"] == "ok"
+            rec = {
+                "pool_index": index,
+                "iteration": iteration,
+                "id": self.pool.ids[index],
+                "formula": self.pool.formulas[index],
+                "status": result["status"],
+                "failure_reason": result.get("failure_reason"),
+                "labels": labels,
+                "objective": self.objective.desirability(labels) if ok else None,
+                "hit": ok and self.objective.is_hit(labels),
+            }
+            self.store.add_evaluation(rec)
+            self.done[index] = rec
 
-        # finish an iteration that was proposed but not fully evaluated when the last run stopped
-        iterations = store.iterations()
+    def maybe_finetune(self, iteration: int) -> None:
+        """Fine-tune after every ``finetune_every``-th BO iteration unless an earlier run did it successfully
+        (a failed one is retried when its iteration is resumed, e.g. after fixing the finetune settings)."""
+        every = self.config.finetune_every
+        if not every or iteration < 1 or iteration % every or not isinstance(self.oracle, DFTOracle):
+            return
+        if any(r["iteration"] == iteration and r["status"] == "ok" for r in self.store.finetunes()):
+            return
+        frames = gathered_frames(self.oracle, self.order)
+        elements = sorted({s for _, fs in frames for f in fs for s in f.get_chemical_symbols()})
+        parent = finetune_parent(self.config, self.store.finetunes(), elements)
+        record = finetune_on_campaign_data(self.config, iteration, frames, parent, self.oracle.reference_dir, self.out)
+        self.store.add_finetune(record)
+        _log_finetune(self.tracker, self.config, record)
+
+    def resume(self) -> None:
+        """Finish an iteration that was proposed but not fully evaluated when the last run stopped; a new
+        campaign evaluates its initial design here."""
+        opt = self.config.optimizer
+        iterations = self.store.iterations()
         if iterations:
             last_it, _, last_prop = iterations[-1]
-            evaluate(last_prop["indices"], last_it)
-            maybe_finetune(last_it)
-        iteration = len(iterations)
-        if iteration == 0:
-            indices = initial_design(pool.features, opt.n_init, seed=config.seed, method=opt.init)
-            store.add_iteration(0, "initial", {"indices": [int(i) for i in indices]})
-            order.extend(int(i) for i in indices)
-            evaluate(list(indices), 0)
-            _log_iteration(tracker, 0, "initial", {"indices": list(indices)}, order, done, pool)
-            iteration = 1
-
-        def n_hits() -> int:
-            return sum(1 for i in order if done[i]["hit"])
-
-        method = "bo-pareto" if (opt.method == "bo" and mode == "pareto") else opt.method
+            self.evaluate(last_prop["indices"], last_it)
+            self.maybe_finetune(last_it)
+        self.iteration = len(iterations)
+        if self.iteration == 0:
+            design = initial_design(self.pool.features, opt.n_init, seed=self.config.seed, method=opt.init)
+            indices = [int(i) for i in design]
+            self.store.add_iteration(0, "initial", {"indices": indices})
+            self.order.extend(indices)
+            self.evaluate(indices, 0)
+            _log_iteration(self.tracker, 0, "initial", {"indices": indices}, self.order, self.done, self.pool)
+            self.iteration = 1
         acquisition = AcquisitionSettings(
-            categorical_columns=tuple(site_element_columns(pool.feature_names)), surrogate=opt.surrogate
+            categorical_columns=tuple(site_element_columns(self.pool.feature_names)), surrogate=opt.surrogate
         )
-        if config.objective.supply_axis:
-            pool = with_supply_risk_column(pool)
-            acquisition = replace(acquisition, known_objectives=(pool.features.shape[1] - 1,))
-        while len(order) < opt.budget and (opt.target_hits is None or n_hits() < opt.target_hits):
-            ok_idx = [i for i in order if done[i]["status"] == "ok"]
-            failed_idx = [i for i in order if done[i]["status"] != "ok"]
-            if not ok_idx:
-                raise CampaignFailed("every evaluation so far failed: see evaluations.csv for the reasons")
-            y = method_targets(method, objective, label_arrays([done[i]["labels"] for i in ok_idx], objective))
-            if failed_idx:
-                # a failed candidate is never proposed again and counts as the worst candidate observed so far
-                worst = int(np.argmin([done[i]["objective"] for i in ok_idx]))
-                y = np.concatenate([y, np.repeat(y[worst : worst + 1], len(failed_idx), axis=0)])
-            q = min(opt.batch_size, opt.budget - len(order), len(pool.ids) - len(order))
-            if q <= 0:
-                break
-            proposal = propose_batch(
-                pool.features,
-                evaluated=ok_idx + failed_idx,
-                y=y,
-                q=q,
-                method=method,
-                seed=config.seed * 100_003 + iteration,
-                objective=objective,
-                settings=acquisition,
-            )
-            prop = proposal.as_dict()
-            store.add_iteration(iteration, method, prop)
-            order.extend(int(i) for i in proposal.indices)
-            evaluate([int(i) for i in proposal.indices], iteration)
-            _log_iteration(tracker, iteration, method, prop, order, done, pool)
-            maybe_finetune(iteration)
-            iteration += 1
+        if self.config.objective.supply_axis:
+            self.pool = with_supply_risk_column(self.pool)
+            acquisition = replace(acquisition, known_objectives=(self.pool.features.shape[1] - 1,))
+        self._acquisition = acquisition
 
+    def step(self) -> bool:
+        """Propose, evaluate and record one BO iteration. False (nothing done) once the budget is spent, the hit
+        target is reached or the pool is exhausted.
+
+        Raises:
+            CampaignFailed: every evaluation so far failed (nothing to fit a surrogate to).
+        """
+        if self._acquisition is None:
+            raise RuntimeError("Campaign.step() before Campaign.resume()")
+        opt, order, done = self.config.optimizer, self.order, self.done
+        if len(order) >= opt.budget or (opt.target_hits is not None and self.n_hits() >= opt.target_hits):
+            return False
+        ok_idx = [i for i in order if done[i]["status"] == "ok"]
+        failed_idx = [i for i in order if done[i]["status"] != "ok"]
+        if not ok_idx:
+            raise CampaignFailed("every evaluation so far failed: see evaluations.csv for the reasons")
+        method = self.method
+        y = method_targets(method, self.objective, label_arrays([done[i]["labels"] for i in ok_idx], self.objective))
+        if failed_idx:
+            # a failed candidate is never proposed again and counts as the worst candidate observed so far
+            worst = int(np.argmin([done[i]["objective"] for i in ok_idx]))
+            y = np.concatenate([y, np.repeat(y[worst : worst + 1], len(failed_idx), axis=0)])
+        q = min(opt.batch_size, opt.budget - len(order), len(self.pool.ids) - len(order))
+        if q <= 0:
+            return False
+        proposal = propose_batch(
+            self.pool.features,
+            evaluated=ok_idx + failed_idx,
+            y=y,
+            q=q,
+            method=method,
+            seed=self.config.seed * 100_003 + self.iteration,
+            objective=self.objective,
+            settings=self._acquisition,
+        )
+        prop = proposal.as_dict()
+        self.store.add_iteration(self.iteration, method, prop)
+        order.extend(int(i) for i in proposal.indices)
+        self.evaluate([int(i) for i in proposal.indices], self.iteration)
+        _log_iteration(self.tracker, self.iteration, method, prop, order, done, self.pool)
+        self.maybe_finetune(self.iteration)
+        self.iteration += 1
+        return True
+
+    def finish(self) -> CampaignSummary:
+        """Write evaluations.csv (and dft_frames.xyz for a DFT oracle), the trace plot and the final metrics;
+        return the summary."""
+        opt, order, done, out = self.config.optimizer, self.order, self.done, self.out
         trace, hits_so_far = [], 0
         for i in order:
             hits_so_far += int(done[i]["hit"])
@@ -527,18 +601,20 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
         to_target = None
         if opt.target_hits is not None and hits_so_far >= opt.target_hits:
             to_target = trace.index(opt.target_hits) + 1
-        random_rate = _pool_hit_rate(oracle, objective, pool) if isinstance(oracle, RowOracle) else None
-        _write_results(out / "evaluations.csv", order, done, oracle.label_columns())
-        if isinstance(oracle, DFTOracle):
-            frames = [f for _, fs in gathered_frames(oracle, order) for f in fs]
+        random_rate = (
+            _pool_hit_rate(self.oracle, self.objective, self.pool) if isinstance(self.oracle, RowOracle) else None
+        )
+        _write_results(out / "evaluations.csv", order, done, self.oracle.label_columns())
+        if isinstance(self.oracle, DFTOracle):
+            frames = [f for _, fs in gathered_frames(self.oracle, order) for f in fs]
             if frames:
                 write_frames(frames, out / "dft_frames.xyz")
-        plot = _trace_plot(trace, random_rate, out / "bo_trace.png", f"{config.name}: {opt.method}")
-        tracker.log_artifact(out / "evaluations.csv")
-        tracker.log_artifact(plot)
-        tracker.log_artifact(out / "config.yaml")
+        plot = _trace_plot(trace, random_rate, out / "bo_trace.png", f"{self.config.name}: {opt.method}")
+        self.tracker.log_artifact(out / "evaluations.csv")
+        self.tracker.log_artifact(plot)
+        self.tracker.log_artifact(out / "config.yaml")
         n_failed = sum(1 for i in order if done[i]["status"] != "ok")
-        tracker.log_metrics(
+        self.tracker.log_metrics(
             {
                 "n_evaluated": len(order),
                 "n_hits": hits_so_far,
@@ -546,43 +622,43 @@ def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resu
                 "evaluations_to_target": to_target or -1,
             }
         )
-        status = "FINISHED"
         hits = [
             {"id": done[i]["id"], "formula": done[i]["formula"], **done[i]["labels"]} for i in order if done[i]["hit"]
         ]
         return CampaignSummary(
             out,
-            len(pool.ids),
-            len(pool.skipped),
+            len(self.pool.ids),
+            len(self.pool.skipped),
             len(order),
             n_failed,
             hits_so_far,
-            iteration,
+            self.iteration,
             to_target,
             hits,
             trace,
-            tracker.run_id,
-            time.perf_counter() - start,
-            store.finetunes(),
+            self.tracker.run_id,
+            time.perf_counter() - self._started,
+            self.store.finetunes(),
         )
-    except OracleError as exc:
-        raise CampaignError(str(exc)) from None
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.end(status)
-        store.close()
-        if started_ray:
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status``, close the store, stop the Ray this campaign started."""
+        import ray
+
+        if self.tracker is not None:
+            self.tracker.end(status)
+            self.tracker = None
+        self.store.close()
+        if self.started_ray:
             ray.shutdown()
+            self.started_ray = False
 
 
 def _pool_hit_rate(oracle: RowOracle, objective: WindowObjective, pool: Pool) -> float | None:
     """Fraction of hits in the whole pool when every label is known (table/mlip): random search's rate."""
     columns = oracle.label_columns()
     hits = 0
-    for row in oracle._rows:
+    for row in oracle.rows:
         try:
             labels = {c: float(row[c]) for c in columns}
         except (KeyError, TypeError, ValueError):

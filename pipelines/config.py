@@ -86,7 +86,7 @@ class RaySettings(_Strict):
     chunk_size: int = Field(default=2, ge=1)
     max_in_flight_per_worker: int = Field(default=2, ge=1)
     max_retries: int = Field(default=2, ge=0)
-    object_store_memory: int | None = 300_000_000
+    object_store_memory: int | None = Field(default=300_000_000, gt=0)
     #: Python interpreter of each environment a potential may need (``sevennet``: SevenNet's venv); default
     #: ``$SEMIDISC_<NAME>_PYTHON``, else ``<repo>/.venv-<name>/bin/python`` (see :mod:`pipelines.environments`).
     environments: dict[str, str] = Field(default_factory=dict)
@@ -108,7 +108,7 @@ class TrackingSettings(_Strict):
 
 class ScreenConfig(_Strict):
     name: str = "screen"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     candidates: CandidateSettings = Field(default_factory=CandidateSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
     potential: PotentialSpec = Field(default_factory=PotentialSpec)
@@ -326,6 +326,13 @@ class ConstraintSettings(_Strict):
     exclude_elements: list[str] = Field(default_factory=list)
     exclude_toxic: bool = False
 
+    @field_validator("hhi_production_max")
+    @classmethod
+    def _hhi_range(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not 0 <= value <= 10_000:
+            raise ValueError(f"{value} is outside the HHI scale 0-10,000")
+        return value
+
     @field_validator("exclude_elements")
     @classmethod
     def _symbols(cls, value: list[str]) -> list[str]:
@@ -417,7 +424,7 @@ class CampaignFinetuneSettings(_Strict):
 
 class CampaignConfig(_Strict):
     name: str = "campaign"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     objective: ObjectiveSettings
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError
 from materials.structures.inputs import load_structure_dir, read_structure
 from pipelines.config import RaySettings, TrackingSettings, _Strict, load_yaml_config
+from pipelines.store import SQLiteStore
 
 #: Columns of dft_results.csv. Energies eV/atom (e_form_per_atom includes mp2020_correction_per_atom when one was
 #: applied), lengths Å, volumes Å^3/atom, gaps eV; run_type GGA or GGA+U, hubbard_u element -> U (eV) as JSON;
@@ -126,9 +126,10 @@ def items_from_inputs(structures: str | None, from_run: str | None, top: int | N
     return out
 
 
-def _dft_task(
+def dft_task(
     item: DFTItem,
     settings: DFTSettings,
+    *,
     do_relax: bool,
     do_gap: bool,
     log_dir: str,
@@ -281,13 +282,10 @@ def structure_elements(items: Iterable[DFTItem]) -> list[str]:
     )
 
 
-class DFTStore:
+class DFTStore(SQLiteStore):
     """``<out>/dft_results.sqlite``: one JSON record per id, committed as each arrives."""
 
-    def __init__(self, path: Path):
-        self._db = sqlite3.connect(path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, record TEXT)")
-        self._db.commit()
+    SCHEMA = "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, record TEXT);"
 
     def write(self, record: dict[str, Any]) -> None:
         self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (record["id"], json.dumps(record)))
@@ -295,9 +293,6 @@ class DFTStore:
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(r[0]) for r in self._db.execute("SELECT record FROM results ORDER BY id")]
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def _csv_value(value: Any) -> Any:
@@ -365,9 +360,17 @@ def run_dft(
         )
         tracker.set_tags({"git_commit": git_commit()})
         ref_errors = compute_references(structure_elements(todo), config.dft, ref_dir)
-        task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
+        task = ray.remote(num_cpus=1, max_retries=1)(dft_task)
         refs = {
-            task.remote(it, config.dft, relax, bandgap, str(out / "logs"), str(ref_dir), False, ref_errors): it
+            task.remote(
+                it,
+                config.dft,
+                do_relax=relax,
+                do_gap=bandgap,
+                log_dir=str(out / "logs"),
+                ref_dir=str(ref_dir),
+                reference_errors=ref_errors,
+            ): it
             for it in todo
         }
         for item, record, reason in as_completed(refs):

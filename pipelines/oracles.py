@@ -74,6 +74,11 @@ class RowOracle:
     def label_columns(self) -> list[str]:
         return list(self._columns)
 
+    @property
+    def rows(self) -> Sequence[Mapping[str, Any]]:
+        """The labelled rows, one per pool candidate (read only: the campaign's random-search baseline)."""
+        return self._rows
+
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         refs = {_lookup_label.remote(dict(self._rows[i]), self._columns): i for i in indices}
         for index, record, reason in as_completed(refs):
@@ -137,26 +142,26 @@ class DFTOracle:
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         from materials.potentials.finetune import write_frames
         from materials.structures.inputs import read_structure
-        from pipelines.dft_run import DFTItem, _dft_task, compute_references, structure_elements
+        from pipelines.dft_run import DFTItem, compute_references, dft_task, structure_elements
 
         items = {
             i: DFTItem(self.candidate_id(i), self._files[i], read_structure(self._files[i]).as_dict()) for i in indices
         }
         # every elemental reference once, before the candidates: q candidates sharing an element would each relax it
         ref_errors = compute_references(structure_elements(items.values()), self._settings, self.reference_dir)
-        task = ray.remote(num_cpus=1, max_retries=1)(_dft_task)
+        task = ray.remote(num_cpus=1, max_retries=1)(dft_task)
         want_gap = "band_gap" in self._columns
         refs = {}
         for i, item in items.items():
             ref = task.remote(
                 item,
                 self._settings,
-                self._relax,
-                want_gap,
-                str(self._work / "logs"),
-                str(self.reference_dir),
-                True,
-                ref_errors,
+                do_relax=self._relax,
+                do_gap=want_gap,
+                log_dir=str(self._work / "logs"),
+                ref_dir=str(self.reference_dir),
+                keep_frames=True,
+                reference_errors=ref_errors,
             )
             refs[ref] = i
         for index, result, reason in as_completed(refs):

@@ -49,37 +49,39 @@ _MAX_VARIABLES = 900
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-class ResultStore:
-    """Results keyed by item id. ``structure`` holds the relaxed structure as pymatgen JSON."""
+class SQLiteStore:
+    """One SQLite file that a run writes as results arrive, with a ``meta`` table of JSON values.
+
+    WAL journal with ``synchronous=NORMAL``: a commit survives the process being killed (what resume needs); only
+    a power cut can lose the last commits (FULL would fsync every commit). Subclasses give their tables in
+    ``SCHEMA`` (``CREATE TABLE IF NOT EXISTS`` statements) and may add columns to an older file in
+    :meth:`_upgrade`. The screen's, the campaign's and the DFT run's stores are all this class.
+    """
+
+    SCHEMA: str = ""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a commit survives the process being killed (what resume needs); only a power cut can
-        # lose the last commits. FULL would fsync every chunk's commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        columns = ", ".join(f'"{c}"' for c in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS)
-        self._db.execute(f'CREATE TABLE IF NOT EXISTS results ("id" TEXT PRIMARY KEY, {columns})')
-        # a store written before a column existed gains it (empty), so older screens still resume
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
-        for name in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS:
-            if name not in present:
-                self._db.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.executescript(self.SCHEMA + "\nCREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);")
+        self._upgrade()
         self._db.commit()
+
+    def _upgrade(self) -> None:
+        """Bring a file written by an older version up to ``SCHEMA`` (nothing by default)."""
 
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> ResultStore:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- meta -------------------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
         self._db.commit()
@@ -87,6 +89,22 @@ class ResultStore:
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
+
+
+_RESULT_TABLE_COLUMNS = ", ".join(f'"{c}"' for c in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS)
+
+
+class ResultStore(SQLiteStore):
+    """Results keyed by item id. ``structure`` holds the relaxed structure as pymatgen JSON."""
+
+    SCHEMA = f'CREATE TABLE IF NOT EXISTS results ("id" TEXT PRIMARY KEY, {_RESULT_TABLE_COLUMNS});'
+
+    def _upgrade(self) -> None:
+        # a store written before a column existed gains it (empty), so older screens still resume
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for name in RESULT_COLUMNS[1:] + _EXTRA_COLUMNS:
+            if name not in present:
+                self._db.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
 
     # -- results ----------------------------------------------------------------------------------------
     def write(self, records: Iterable[dict[str, Any]]) -> int:

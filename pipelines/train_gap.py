@@ -75,7 +75,7 @@ class GapDataSettings(_Strict):
 
 class BandGapConfig(_Strict):
     name: str = "bandgap"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     members: int = Field(default=4, ge=1, description="ensemble size (seeds seed, seed+1, ...)")
     model: GapModelSettings = Field(default_factory=GapModelSettings)
     training: GapTrainSettings = Field(default_factory=GapTrainSettings)

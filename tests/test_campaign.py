@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.campaign import CampaignError, CampaignStore, run_campaign
+from pipelines.campaign import Campaign, CampaignError, CampaignStore, run_campaign
 from pipelines.config import ConfigError, parse_campaign_config
 
 pytestmark = pytest.mark.slow
@@ -105,6 +105,41 @@ def test_resume_after_a_crash_mid_iteration_matches_uninterrupted(pool_csv, tmp_
     with pytest.raises(CampaignError, match="--resume"):
         run_campaign(config, out_dir=out)
     resumed = read_evaluations(run_campaign(config, out_dir=out, resume=True).out_dir)
+    assert [r["id"] for r in resumed] == [r["id"] for r in reference]
+    assert [r["hit"] for r in resumed] == [r["hit"] for r in reference]
+
+
+def test_campaign_object_steps_stop_and_resume_like_one_run(pool_csv, tmp_path):
+    """The campaign as an object: open, resume, two steps, stopped (KILLED); reopened with resume it finishes with
+    the same evaluations, in the same order, as one uninterrupted run_campaign."""
+    config = config_for(pool_csv, tmp_path)
+    reference = read_evaluations(run_campaign(config, out_dir=tmp_path / "ref").out_dir)
+    out = tmp_path / "steps"
+    first = Campaign.open(config, out)
+    try:
+        with pytest.raises(RuntimeError, match="before Campaign.resume"):
+            first.step()
+        first.resume()  # the initial design: 6 evaluations
+        assert first.iteration == 1 and len(first.order) == 6
+        assert first.step() and first.step()
+        assert first.iteration == 3 and len(first.order) == 14
+    finally:
+        first.close("KILLED")
+    assert [it for it, _, _ in CampaignStore(out / "campaign.sqlite").iterations()] == [0, 1, 2]
+    with pytest.raises(CampaignError, match="--resume"):
+        Campaign.open(config, out)
+    second = Campaign.open(config, out, resume=True)
+    try:
+        second.resume()
+        assert second.iteration == 3 and len(second.order) == 14
+        steps = 0
+        while second.step():
+            steps += 1
+        summary = second.finish()
+    finally:
+        second.close()
+    assert steps == 2 and summary.n_evaluated == 22 and summary.iterations == 5
+    resumed = read_evaluations(out)
     assert [r["id"] for r in resumed] == [r["id"] for r in reference]
     assert [r["hit"] for r in resumed] == [r["hit"] for r in reference]
 

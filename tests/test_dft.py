@@ -147,7 +147,7 @@ def test_gllbsc_metal_unsupported_element_and_bad_settings():
 
 @pytest.mark.slow
 def test_dft_task_keeps_pbe_energies_and_takes_the_gllbsc_gap(tmp_path):
-    from pipelines.dft_run import DFTItem, _dft_task
+    from pipelines.dft_run import DFTItem, dft_task
 
     gllbsc = replace(FAST, gap_functional="gllbsc")
     # a cached Si reference (the caching itself is tested above): E_form needs no reference relaxation here
@@ -155,7 +155,7 @@ def test_dft_task_keeps_pbe_energies_and_takes_the_gllbsc_gap(tmp_path):
     cache = {"symbol": "Si", "recipe": REFERENCE_RECIPE, "energy_per_atom": mu}
     (tmp_path / f"Si-{settings_hash(gllbsc)}.json").write_text(json.dumps(cache))
     item = DFTItem("si", "test", AseAtomsAdaptor.get_structure(si(5.431)).as_dict())
-    out = _dft_task(item, gllbsc, do_relax=False, do_gap=True, log_dir=str(tmp_path), ref_dir=str(tmp_path))
+    out = dft_task(item, gllbsc, do_relax=False, do_gap=True, log_dir=str(tmp_path), ref_dir=str(tmp_path))
     assert out["status"] == "ok" and out["task"] == "single_point"
     assert out["functional"] == "PBE" and out["gap_functional"] == "GLLBSC"
     assert out["band_gap"] == pytest.approx(out["gap_ks"] + out["gap_discontinuity"]) and out["band_gap"] > 0.9
@@ -273,7 +273,7 @@ def test_magnetic_orderings_of_a_primitive_rocksalt_cell_and_a_two_site_cell():
 @pytest.mark.slow
 def test_two_atom_nio_gets_mp_plus_u_its_antiferromagnetic_ground_state_and_mp2020(tmp_path):
     """The 2-atom cell a user hands over is enough: the task builds the AFM supercells and keeps the lowest."""
-    from pipelines.dft_run import DFT_COLUMNS, DFTItem, _dft_task, write_results_csv
+    from pipelines.dft_run import DFT_COLUMNS, DFTItem, dft_task, write_results_csv
 
     cheap = DFTSettings(ecut=300.0, kpts=(2, 2, 2), smearing=0.1)
     # cached references (their computation is tested above): E_form needs no O2 or Ni relaxation here
@@ -282,7 +282,7 @@ def test_two_atom_nio_gets_mp_plus_u_its_antiferromagnetic_ground_state_and_mp20
         cache = {"symbol": symbol, "recipe": REFERENCE_RECIPE, "energy_per_atom": value}
         (tmp_path / f"{symbol}-{settings_hash(cheap)}.json").write_text(json.dumps(cache))
     item = DFTItem("nio", "test", nio().as_dict())
-    out = _dft_task(item, cheap, do_relax=False, do_gap=False, log_dir=str(tmp_path), ref_dir=str(tmp_path))
+    out = dft_task(item, cheap, do_relax=False, do_gap=False, log_dir=str(tmp_path), ref_dir=str(tmp_path))
     assert out["status"] == "ok" and out["magnetic_ordering"] == "AFM-k111" and out["n_atoms"] == 4
     # MP's U on Ni d reached GPAW
     assert out["run_type"] == "GGA+U" and out["hubbard_u"] == {"Ni": 6.2}

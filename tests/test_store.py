@@ -96,3 +96,25 @@ def test_queries_that_let_a_large_screen_stream(tmp_path):
         out = store.export_csv(tmp_path / "results.csv", ["extra"], lambda rec: {"extra": rec["id"].upper()})
     rows = list(csv.DictReader(out.open()))
     assert tuple(rows[0]) == (*RESULT_COLUMNS, "extra") and rows[0]["extra"] == "BAD" and len(rows) == 2001
+
+
+def test_screen_campaign_and_dft_stores_share_one_base(tmp_path):
+    """The three run stores are one SQLiteStore each: WAL journal (a commit survives a killed process), a meta
+    table of JSON values, reopened with what was committed."""
+    from pipelines.campaign import CampaignStore
+    from pipelines.dft_run import DFTStore
+    from pipelines.store import SQLiteStore
+
+    for cls in (ResultStore, CampaignStore, DFTStore):
+        path = tmp_path / f"{cls.__name__}.sqlite"
+        with cls(path) as store:
+            assert isinstance(store, SQLiteStore)
+            store.set_meta("fingerprint", {"a": [1, 2.5, None]})
+        assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        with cls(path) as again:
+            assert again.get_meta("fingerprint") == {"a": [1, 2.5, None]}
+            assert again.get_meta("missing", "default") == "default"
+    dft = DFTStore(tmp_path / "DFTStore.sqlite")
+    dft.write({"id": "si", "energy": -5.4})
+    dft.close()
+    assert DFTStore(tmp_path / "DFTStore.sqlite").records() == [{"id": "si", "energy": -5.4}]

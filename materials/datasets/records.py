@@ -13,7 +13,7 @@ import gzip
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from pymatgen.core import Structure
 
 from materials.errors import InputError
+from materials.serialise import Record
 
 #: Canonical unit of each property (values in a ReferenceSet are always in these units).
 PROPERTY_UNITS = {"band_gap": "eV", "formation_energy": "eV/atom"}
@@ -42,26 +43,8 @@ PROPERTY_ALIASES = {
 DUPLICATE_POLICIES = ("mean", "ground_state", "closest")
 
 
-class RecordWithStructure:
-    """``as_dict``/``from_dict`` for a flat record dataclass whose ``structure`` field holds a pymatgen Structure
-    or None (serialised with the Structure's own ``as_dict``)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not dataclasses.asdict: it deep-copies
-        if d.get("structure") is not None:
-            d["structure"] = d["structure"].as_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        d = dict(d)
-        if d.get("structure") is not None:
-            d["structure"] = Structure.from_dict(d["structure"])
-        return cls(**d)
-
-
 @dataclass
-class ReferenceRow(RecordWithStructure):
+class ReferenceRow(Record):
     """One reference value.
 
     Attributes:

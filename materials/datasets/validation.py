@@ -40,8 +40,9 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
 from materials.composition import reduced_formula
-from materials.datasets.records import DUPLICATE_POLICIES, RecordWithStructure, ReferenceRow, ReferenceSet
+from materials.datasets.records import DUPLICATE_POLICIES, ReferenceRow, ReferenceSet
 from materials.errors import InputError
+from materials.serialise import Record
 
 MATCH_MODES = ("formula", "structure", "auto")
 
@@ -63,7 +64,7 @@ DUPLICATE_SPREAD_TOLERANCE = {"band_gap": 0.1, "formation_energy": 0.05}
 
 
 @dataclass
-class Prediction(RecordWithStructure):
+class Prediction(Record):
     """One predicted value.
 
     Attributes:

@@ -43,12 +43,13 @@ from typing import Any, Literal
 import numpy as np
 from ase import Atoms
 from ase.units import GPa
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Composition, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from materials.errors import InputError, RunError
+from materials.serialise import Record
 from materials.thermo import stability
 
 #: Initial moment (μB/atom) of an element MP's MAGMOM table does not list in a spin-polarised run of a structure
@@ -160,46 +161,29 @@ class DFTSettings:
     """
 
     xc: str = "PBE"
-    ecut: float = 500.0
-    kpoint_density: float = 3.5
+    ecut: float = Field(default=500.0, gt=0)
+    kpoint_density: float = Field(default=3.5, gt=0)
     kpts: tuple[int, int, int] | None = None
     kpoint_grid: Literal["odd", "monkhorst-pack", "gamma"] = "odd"
-    smearing: float = 0.05
-    scf_energy_tol: float = 5e-4
-    scf_density_tol: float = 1e-4
-    maxiter: int = 200
+    smearing: float = Field(default=0.05, ge=0)
+    scf_energy_tol: float = Field(default=5e-4, gt=0)
+    scf_density_tol: float = Field(default=1e-4, gt=0)
+    maxiter: int = Field(default=200, ge=1)
     spinpol: bool | None = None
     magnetic_order: Literal["lowest", "ferro"] = "lowest"
     hubbard_u: Literal["mp", "off"] = "mp"
     mp2020: bool = True
     u_corrections: Literal["gpaw", "vasp"] = "gpaw"
-    relax_fmax: float = 0.02
-    relax_max_steps: int = 60
-    band_npoints: int = 60
-    band_extra: int = 4
+    relax_fmax: float = Field(default=0.02, gt=0)
+    relax_max_steps: int = Field(default=60, ge=1)
+    band_npoints: int = Field(default=60, ge=1)
+    band_extra: int = Field(default=4, ge=1)  # the CBM needs one empty band
     gap_functional: Literal["ks", "gllbsc"] = "ks"
-    threads: int = 1
+    threads: int = Field(default=1, ge=1)
 
     def __post_init__(self) -> None:
-        positive = {
-            "ecut": self.ecut,
-            "kpoint_density": self.kpoint_density,
-            "scf_energy_tol": self.scf_energy_tol,
-            "scf_density_tol": self.scf_density_tol,
-            "relax_fmax": self.relax_fmax,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise InputError(f"dft.{name}={value} must be > 0")
         if self.kpts is not None and min(self.kpts) < 1:
             raise InputError(f"dft.kpts={self.kpts} must be three integers >= 1")
-        if self.smearing < 0:
-            raise InputError(f"dft.smearing={self.smearing} eV must be >= 0")
-        for name in ("maxiter", "relax_max_steps", "band_npoints", "threads"):
-            if getattr(self, name) < 1:
-                raise InputError(f"dft.{name}={getattr(self, name)} must be >= 1")
-        if self.band_extra < 1:
-            raise InputError(f"dft.band_extra={self.band_extra} must be >= 1 (the CBM needs one empty band)")
         if self.xc.upper().startswith("GLLB"):
             # energies of a GLLB ground state are not on the PBE scale of the references: GLLB-SC is a gap method here
             raise InputError(
@@ -241,7 +225,7 @@ def _package_version(name: str) -> str:
 
 
 @dataclass
-class DFTResult:
+class DFTResult(Record):
     """Outcome of one GPAW calculation. Energies eV (GPAW's scale: relative to the setups' atoms), eV/atom for
     ``*_per_atom``; forces eV/Å; stress GPa (Voigt xx yy zz yz xz xy, NaN if not computed); lengths Å of the
     computed cell; volumes Å³/atom; band energies eV on GPAW's absolute eigenvalue scale.
@@ -310,18 +294,6 @@ class DFTResult:
     notes: list[str] = field(default_factory=list)
     structure: Structure | None = None
     forces: list[list[float]] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["structure"] = self.structure.as_dict() if self.structure is not None else None
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DFTResult:
-        data = dict(data)
-        if data.get("structure") is not None:
-            data["structure"] = Structure.from_dict(data["structure"])
-        return cls(**data)
 
 
 # ---------------------------------------------------------------------------------------------- setup checks

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Element
 from torch import nn
@@ -101,10 +101,10 @@ class GapModelSettings:
         heads: attention heads per layer and in the readout.
     """
 
-    hidden: int = 64
-    embedding: int = 16
-    layers: int = 3
-    heads: int = 3
+    hidden: int = Field(default=64, ge=1)
+    embedding: int = Field(default=16, ge=1)
+    layers: int = Field(default=3, ge=1)
+    heads: int = Field(default=3, ge=1)
 
 
 @config_dataclass(config=ConfigDict(extra="forbid"))
@@ -130,16 +130,16 @@ class GapTrainSettings:
             compositions: the experimental gap is not below the PBE one. 0 = off.
     """
 
-    epochs: int = 40
-    samples_per_epoch: int = 16000
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    finetune_epochs: int = 60
-    finetune_lr: float = 5e-4
-    metal_loss_weight: float = 1.0
-    anchor_nonmetal_weight: float = 0.0
-    anchor_bound_weight: float = 0.0
+    epochs: int = Field(default=40, ge=1)
+    samples_per_epoch: int = Field(default=16000, ge=0)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    finetune_epochs: int = Field(default=60, ge=0)
+    finetune_lr: float = Field(default=5e-4, gt=0)
+    metal_loss_weight: float = Field(default=1.0, ge=0)
+    anchor_nonmetal_weight: float = Field(default=0.0, ge=0)
+    anchor_bound_weight: float = Field(default=0.0, ge=0)
 
 
 @config_dataclass(config=ConfigDict(extra="forbid"))
@@ -167,9 +167,9 @@ class GapCalibrationSettings:
         "metal_fraction",
         "transition_metal_fraction",
     )
-    nonmetal_weight: float = 0.12
-    nonmetal_min_pbe_gap: float = 0.5
-    interval_gap_weight: float = 0.1
+    nonmetal_weight: float = Field(default=0.12, ge=0)
+    nonmetal_min_pbe_gap: float = Field(default=0.5, ge=0)
+    interval_gap_weight: float = Field(default=0.1, ge=0)
 
 
 # -------------------------------------------------------------------------------------------------- graphs and data

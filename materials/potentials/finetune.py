@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 from ase import Atoms
 from ase.units import GPa
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
@@ -101,22 +101,13 @@ class DataSettings:
         seed: RNG seed of the perturbations and the split.
     """
 
-    n_rattled: int = 4
-    rattle_std: float = 0.03
-    n_strained: int = 2
-    max_strain: float = 0.03
-    relax_steps: int = 3
-    heldout_fraction: float = 0.34
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("n_rattled", "n_strained", "relax_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
-        if self.rattle_std < 0 or not 0 <= self.max_strain < 0.3:
-            raise ValueError(f"data.rattle_std={self.rattle_std} Å must be >= 0, data.max_strain in [0, 0.3)")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"data.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+    n_rattled: int = Field(default=4, ge=0)
+    rattle_std: float = Field(default=0.03, ge=0)
+    n_strained: int = Field(default=2, ge=0)
+    max_strain: float = Field(default=0.03, ge=0, lt=0.3)
+    relax_steps: int = Field(default=3, ge=0)
+    heldout_fraction: float = Field(default=0.34, ge=0, lt=1)
+    seed: int = Field(default=0, ge=0)
 
 
 @config_dataclass(config=ConfigDict(extra="forbid"))
@@ -154,39 +145,28 @@ class TrainSettings:
 
     foundation_model: str | None = None
     e0s: Literal["elemental", "average"] = "elemental"
-    r_max: float = 5.0
-    num_channels: int = 32
-    max_L: int = 0
-    correlation: int = 2
-    num_interactions: int = 2
-    num_radial_basis: int = 8
+    r_max: float = Field(default=5.0, gt=0)
+    num_channels: int = Field(default=32, ge=1)
+    max_L: int = Field(default=0, ge=0)
+    correlation: int = Field(default=2, ge=1)
+    num_interactions: int = Field(default=2, ge=1)
+    num_radial_basis: int = Field(default=8, ge=1)
     mlp_irreps: str = "16x0e"
-    max_num_epochs: int = 150
-    batch_size: int = 4
-    lr: float = 0.01
-    energy_weight: float = 50.0
-    forces_weight: float = 10.0
-    stress_weight: float = 1.0
+    max_num_epochs: int = Field(default=150, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    energy_weight: float = Field(default=50.0, ge=0)
+    forces_weight: float = Field(default=10.0, ge=0)
+    stress_weight: float = Field(default=1.0, ge=0)
     stage_two: bool = False
-    stage_two_energy_weight: float = 1000.0
-    stage_two_forces_weight: float = 10.0
+    stage_two_energy_weight: float = Field(default=1000.0, ge=0)
+    stage_two_forces_weight: float = Field(default=10.0, ge=0)
     scaling: Literal["rms_forces_scaling", "std_scaling", "no_scaling"] = "rms_forces_scaling"
-    valid_fraction: float = 0.1
-    seed: int = 0
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = Field(default=0, ge=0)
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float64"
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("num_channels", "correlation", "num_interactions", "num_radial_basis", "max_num_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.batch_size < 1 or self.threads < 1:
-            raise ValueError(f"train.batch_size={self.batch_size} and train.threads={self.threads} must be >= 1")
-        if not self.r_max > 0 or not self.lr > 0:
-            raise ValueError(f"train.r_max={self.r_max} Å and train.lr={self.lr} must be > 0")
-        if not 0 < self.valid_fraction < 1:
-            raise ValueError(f"train.valid_fraction={self.valid_fraction} must be in (0, 1)")
+    threads: int = Field(default=1, ge=1)
 
 
 # ---------------------------------------------------------------------------------------------------- data

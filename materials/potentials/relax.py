@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
@@ -21,6 +20,8 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
+
+from materials.serialise import Record
 
 
 @config_dataclass(config=ConfigDict(extra="forbid"))
@@ -53,7 +54,7 @@ class RelaxSettings:
 
 
 @dataclass
-class RelaxResult:
+class RelaxResult(Record):
     """Outcome of one relaxation. Energies in eV, forces eV/Å, stress GPa (Voigt xx yy zz yz xz xy), volumes Å^3/atom.
 
     ``status`` is ``ok`` or ``failed`` (then ``failure_reason`` says why and the numbers may be NaN).
@@ -74,18 +75,6 @@ class RelaxResult:
     volume_per_atom: float = math.nan
     seconds: float = 0.0
     structure: Structure | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["structure"] = self.structure.as_dict() if self.structure is not None else None
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RelaxResult:
-        data = dict(data)
-        if data.get("structure") is not None:
-            data["structure"] = Structure.from_dict(data["structure"])
-        return cls(**data)
 
 
 def _min_distance(atoms: Atoms) -> float:

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 import smact
@@ -33,6 +32,7 @@ from pymatgen.core import Composition, Element, Lattice, Structure
 from smact.screening import pauling_test
 
 from materials.errors import InputError
+from materials.serialise import Record
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ FIRST_SHELL_TOL = 1.1
 
 
 @dataclass
-class Candidate:
+class Candidate(Record):
     """One hypothetical material to screen.
 
     Attributes:
@@ -76,37 +76,6 @@ class Candidate:
     prototype: str
     source: str
     structure: Structure
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict; the structure is stored with :meth:`Structure.as_dict`."""
-        return {
-            "id": self.id,
-            "formula": self.formula,
-            "prototype": self.prototype,
-            "source": self.source,
-            "structure": self.structure.as_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Candidate:
-        """Inverse of :meth:`as_dict`.
-
-        Raises:
-            ValueError: a required key is missing, naming it and the keys found.
-        """
-        missing = [k for k in ("id", "formula", "prototype", "source", "structure") if k not in d]
-        if missing:
-            raise InputError(
-                f"Candidate.from_dict: missing key(s) {missing}; got keys {sorted(d)}. "
-                "Pass a dict produced by Candidate.as_dict()."
-            )
-        return cls(
-            id=str(d["id"]),
-            formula=str(d["formula"]),
-            prototype=str(d["prototype"]),
-            source=str(d["source"]),
-            structure=Structure.from_dict(d["structure"]),
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------
