@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk
 from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -220,6 +221,45 @@ def test_kpoint_grid_from_density_is_odd_and_scales_with_the_cell():
     assert kpoint_grid(si(), DFTSettings(kpoint_grid="monkhorst-pack", kpoint_density=4.0)) == (8, 8, 8)
     assert kpoint_grid(si(5.47 * 2), DFTSettings()) == (5, 5, 5)
     assert kpoint_grid(si(), FAST) == (3, 3, 3)
+
+
+def test_kpoint_grid_from_ase_gives_the_sizes_of_the_former_formula():
+    """kpoint_grid now calls ASE's kptdensity2monkhorstpack; the sizes are those of the formula it replaced
+    (``ceil(density * 2π|b_i| - 1e-6)``, then odd), over common crystals, a slab and 300 seeded skewed cells at
+    four densities."""
+    from ase.build import fcc111
+
+    def former(atoms, settings):
+        sizes = []
+        for length, periodic in zip(
+            2 * np.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1), atoms.pbc, strict=True
+        ):
+            n = max(1, math.ceil(settings.kpoint_density * length - 1e-6)) if periodic else 1
+            sizes.append(n + 1 if settings.kpoint_grid == "odd" and n % 2 == 0 else n)
+        return tuple(sizes)
+
+    cells = [
+        bulk("Si", "diamond", a=5.47),
+        bulk("GaAs", "zincblende", a=5.65),
+        bulk("NaCl", "rocksalt", a=5.64),
+        bulk("ZnO", "wurtzite", a=3.25, c=5.2),
+        bulk("Mg", "hcp", a=3.21, c=5.21),
+        bulk("Cu", "fcc", a=3.61, cubic=True),
+        fcc111("Cu", (2, 2, 3), vacuum=8.0),  # periodic in plane only
+    ]
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        cell = np.diag(rng.uniform(2.5, 12.0, 3)) + rng.uniform(-1.5, 1.5, (3, 3))
+        cells.append(Atoms("Si", cell=cell, pbc=True))
+    compared = 0
+    for atoms in cells:
+        for density in (1.5, 2.5, 3.5, 5.0):
+            for grid in ("odd", "monkhorst-pack"):
+                settings = DFTSettings(kpoint_density=density, kpoint_grid=grid)
+                assert kpoint_grid(atoms, settings) == former(atoms, settings), (atoms.cell.cellpar(), density)
+                compared += 1
+    assert compared == 307 * 8
+    assert kpoint_grid(cells[6], DFTSettings())[2] == 1
 
 
 def test_gap_from_eigenvalues_indirect_direct_metal_and_spin():

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import kptdensity2monkhorstpack
 from ase.units import GPa
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
@@ -364,21 +365,14 @@ def _missing_setups_reason(symbols: Iterable[str], xc: str) -> str | None:
 
 
 def kpoint_grid(atoms: Atoms, settings: DFTSettings) -> tuple[int, int, int]:
-    """Monkhorst-Pack sizes for ``atoms``: ``ceil(kpoint_density * 2π/|a_i| ...)`` per periodic direction
-    (reciprocal vector lengths with 2π), made odd when ``settings.kpoint_grid == 'odd'``; 1 along
+    """Monkhorst-Pack sizes for ``atoms``: ASE's ``kptdensity2monkhorstpack`` (``ceil(kpoint_density * |b_i|)``,
+    reciprocal vector lengths with 2π) per periodic direction, made odd when ``settings.kpoint_grid == 'odd'``; 1 along
     non-periodic directions. ``settings.kpts`` is returned as is when given."""
     if settings.kpts is not None:
         return settings.kpts
-    reciprocal = 2 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
-    sizes = []
-    for length, periodic in zip(reciprocal, atoms.pbc, strict=True):
-        if not periodic:
-            sizes.append(1)
-            continue
-        n = max(1, math.ceil(settings.kpoint_density * length - 1e-6))
-        if settings.kpoint_grid == "odd" and n % 2 == 0:
-            n += 1
-        sizes.append(n)
+    sizes = [int(n) for n in kptdensity2monkhorstpack(atoms, settings.kpoint_density, even=False)]
+    if settings.kpoint_grid == "odd":
+        sizes = [n + 1 if n % 2 == 0 else n for n in sizes]  # 1 along non-periodic directions stays 1
     return sizes[0], sizes[1], sizes[2]
 
 
