@@ -27,6 +27,7 @@ from pymatgen.core import Composition, Structure
 
 from materials.datasets.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from materials.errors import InputError
+from materials.structures.inputs import read_structure
 from pipelines.store import RESULT_COLUMNS, ResultStore
 
 if TYPE_CHECKING:
@@ -94,8 +95,6 @@ def screen(
             raise InputError(f"ids= names in-memory structures; the files in {structures} are named by their stems")
         folder = str(structures)
     elif isinstance(structures, (str, Path)):
-        from materials.structures.inputs import read_structure
-
         path = Path(structures)
         if not path.is_file():
             raise InputError(f"structures={str(path)!r}: no such file or folder; give Structures, a folder or a file")

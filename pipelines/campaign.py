@@ -33,6 +33,7 @@ from materials.bo.optimize import (
     method_targets,
     propose_batch,
 )
+from materials.datasets.records import read_csv_rows as read_rows
 from materials.datasets.sustainability import (
     SUSTAINABILITY_COLUMNS,
     SupplyConstraint,
@@ -71,8 +72,6 @@ class Pool:
 
 def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
     """Rows of a pool or label CSV file (``.csv`` or ``.csv.gz``, with or without a byte-order mark) as dicts."""
-    from materials.datasets.records import read_csv_rows as read_rows
-
     path = Path(path)
     if not path.is_file():
         raise CampaignError(f"pool file {path} not found")
@@ -352,14 +351,12 @@ def _trace_plot(trace: Sequence[int], random_rate: float | None, path: Path, tit
 def run_campaign(config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> CampaignSummary:
     """Run or resume a campaign; see the module docstring and :class:`Campaign`. Returns its summary."""
     campaign = Campaign.open(config, out_dir, resume=resume)
-    status = "FAILED"
+    status = None  # FINISHED once finish() returned, else FAILED
     try:
         campaign.resume()
         while campaign.step():
             pass
-        summary = campaign.finish()
-        status = "FINISHED"
-        return summary
+        return campaign.finish()
     except OracleError as exc:
         raise CampaignError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.interrupts): what is stored stays
@@ -403,6 +400,7 @@ class Campaign:
         self.done: dict[int, dict[str, Any]] = {}
         self.iteration = 0
         self._acquisition: AcquisitionSettings | None = None
+        self._finished = False
 
     @classmethod
     def open(cls, config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> Campaign:
@@ -625,6 +623,7 @@ class Campaign:
         hits = [
             {"id": done[i]["id"], "formula": done[i]["formula"], **done[i]["labels"]} for i in order if done[i]["hit"]
         ]
+        self._finished = True
         return CampaignSummary(
             out,
             len(self.pool.ids),
@@ -641,12 +640,13 @@ class Campaign:
             self.store.finetunes(),
         )
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the MLflow run with ``status``, close the store, stop the Ray this campaign started."""
+    def close(self, status: str | None = None) -> None:
+        """End the MLflow run with ``status`` (default: FINISHED after :meth:`finish`, else FAILED), close the
+        store, stop the Ray this campaign started."""
         import ray
 
         if self.tracker is not None:
-            self.tracker.end(status)
+            self.tracker.end(status or ("FINISHED" if self._finished else "FAILED"))
             self.tracker = None
         self.store.close()
         if self.started_ray:

@@ -21,6 +21,8 @@ from typing import Any
 
 from ase import Atoms
 
+from materials.dft import gpaw as dft
+from materials.potentials.finetune import write_frames
 from pipelines.config import CampaignConfig
 
 
@@ -87,8 +89,6 @@ def finetune_on_campaign_data(
     training failure. Returns the record for the campaign store: ``status`` ``ok`` or ``failed`` (``reason``),
     ``registry_uri``, ``model_path``, ``parent``, ``data_hash``, ``n_train``/``n_heldout`` frames, held-out
     candidates, ``metrics`` (role -> split -> metric, eV, eV/Å, eV/atom), ``mlflow_run_id``, ``seconds``."""
-    from materials.dft import gpaw as dft
-    from materials.potentials.finetune import write_frames
     from pipelines.finetune_run import FinetuneConfig, run_finetune
 
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from materials.errors import InputError
 from materials.potentials.calculators import ENVIRONMENTS, PotentialSpec
 from materials.potentials.finetune import TrainSettings
 from materials.potentials.relax import RelaxSettings
+from materials.structures.candidates import prototype_names
 from materials.structures.inputs import CheckSettings
 
 
@@ -44,8 +45,6 @@ class CandidateSettings(_Strict):
     @field_validator("prototypes")
     @classmethod
     def _known_prototypes(cls, value: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
-        from materials.structures.candidates import prototype_names
-
         known = prototype_names()
         for name in value:
             if name not in known:

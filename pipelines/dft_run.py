@@ -19,8 +19,11 @@ from typing import Any
 import yaml
 from pydantic import Field
 
+from materials.dft import gpaw as dft
+from materials.dft import importers as dft_import
 from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError
+from materials.potentials.finetune import RelaxRecorder, result_frames
 from materials.structures.inputs import load_structure_dir, read_structure
 from pipelines.config import RaySettings, TrackingSettings, _Strict, load_yaml_config
 from pipelines.store import SQLiteStore
@@ -148,9 +151,6 @@ def dft_task(
     separate run whose gap fields (``GAP_FIELDS``) join the record of the relaxation or single point."""
     from pymatgen.core import Structure
 
-    from materials.dft import gpaw as dft
-    from materials.potentials.finetune import RelaxRecorder, result_frames
-
     structure = Structure.from_dict(item.structure)
     log = Path(log_dir) / f"{item.id}.txt"
     recorder = RelaxRecorder(settings, item.id) if keep_frames and do_relax else None
@@ -252,8 +252,6 @@ def dft_task(
 
 
 def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, str | None]:
-    from materials.dft import gpaw as dft
-
     try:
         dft.elemental_reference_energy(symbol, settings, ref_dir)
         return symbol, None
@@ -415,8 +413,6 @@ def write_imported(paths: list[str], out_dir: str | Path, formation: bool = True
     ``semidisc dft``, ``functional`` taken from the files, plus code, source, notes), ``structures.extxyz``
     (energies, forces, stress: a training set) and ``import_failures.csv`` (file or frame, reason)."""
     from ase.io import write
-
-    from materials.dft import importers as dft_import
 
     result = dft_import.import_dft(paths)
     out = Path(out_dir)

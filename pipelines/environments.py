@@ -26,7 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from materials.potentials.calculators import PotentialError, PotentialSpec
+from materials.potentials.calculators import (
+    PotentialError,
+    PotentialSpec,
+    load_potential,
+    supported_elements,
+    weights_hash,
+)
 
 #: The repository root (``materials/`` and ``pipelines/`` are importable from here in any environment).
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +68,6 @@ def describe_loaded_potential(spec: PotentialSpec) -> dict[str, Any]:
         PotentialError: the potential cannot be loaded here.
     """
     import ray
-
-    from materials.potentials.calculators import load_potential, supported_elements, weights_hash
 
     cpu_spec = dataclasses.replace(spec, device="cpu")
     calculator = load_potential(cpu_spec)

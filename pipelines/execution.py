@@ -14,9 +14,15 @@ from typing import Any
 
 import ray
 
-from materials.potentials.calculators import PotentialSpec
-from materials.potentials.relax import RelaxSettings
-from materials.structures.inputs import CheckSettings
+from materials.potentials.calculators import PotentialSpec, load_potential, supported_elements, training_elements
+from materials.potentials.relax import RelaxSettings, relax_structure
+from materials.structures.inputs import CheckSettings, StructureCheckError, check_structure
+from materials.thermo.stability import (
+    ElementalEnergies,
+    HullTable,
+    calibrate_element_offsets,
+    model_elemental_references,
+)
 from pipelines.config import RaySettings
 from pipelines.environments import actor_runtime_env
 from pipelines.interrupts import install_sigterm_handler, sigterm_handler_installed
@@ -108,8 +114,6 @@ class RelaxWorker:
     def __init__(self, spec: PotentialSpec, relax: RelaxSettings, checks: CheckSettings):
         import torch
 
-        from materials.potentials.calculators import load_potential, supported_elements
-
         torch.set_num_threads(1)
         self.spec = spec
         self.relax = relax
@@ -126,9 +130,6 @@ class RelaxWorker:
     def relax_chunk(self, items: Sequence[WorkItem]) -> list[dict[str, Any]]:
         """Check then relax each item; every item yields a record (status ok or failed with a reason)."""
         from pymatgen.core import Structure
-
-        from materials.potentials.relax import relax_structure
-        from materials.structures.inputs import StructureCheckError, check_structure
 
         out: list[dict[str, Any] | None] = []
         to_relax: list[tuple[int, dict[str, Any], Structure]] = []
@@ -186,22 +187,16 @@ class RelaxWorker:
     def elemental_references(self, symbols: Sequence[str]) -> dict[str, Any]:
         """``self``-convention references: the elemental crystals of ``symbols`` relaxed with this worker's
         potential (see materials.thermo.stability.model_elemental_references)."""
-        from materials.thermo.stability import model_elemental_references
-
         return model_elemental_references(self.calculator, symbols, self.label).as_dict()
 
     def element_offsets(self, refs: dict[str, Any]) -> dict[str, Any]:
         """Per-element offsets fitted for this worker's potential on the known ground states, on top of ``refs``
         (see materials.thermo.stability.calibrate_element_offsets; ~50 relaxations)."""
-        from materials.thermo.stability import ElementalEnergies, HullTable, calibrate_element_offsets
-
         base = ElementalEnergies.from_dict(refs)
         return calibrate_element_offsets(self.calculator, base, HullTable.load(), self.supported).as_dict()
 
     def training_elements(self) -> frozenset[str]:
         """The elements this worker's potential was trained on (coverage warnings)."""
-        from materials.potentials.calculators import training_elements
-
         return training_elements(self.spec, self.calculator)
 
 

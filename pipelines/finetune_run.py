@@ -26,10 +26,25 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
+from materials.dft import gpaw as dft
 from materials.dft.gpaw import DFTSettings
 from materials.errors import InputError, RunError
-from materials.potentials.calculators import PotentialSpec
-from materials.potentials.finetune import DataSettings, TrainSettings
+from materials.potentials.calculators import PotentialSpec, load_potential
+from materials.potentials.finetune import (
+    DataSettings,
+    TrainSettings,
+    dataset_hash,
+    dft_frames,
+    evaluate_calculator,
+    perturbed_structures,
+    read_frames,
+    relaxation_start,
+    train_mace,
+    validate_training_set,
+    write_frames,
+)
+from materials.structures.candidates import build_prototype
+from materials.structures.inputs import load_structure_dir
 from pipelines.config import ConfigError, RaySettings, TrackingSettings, _Strict, load_yaml_config
 
 
@@ -105,9 +120,6 @@ class LabelJob:
 
 def base_structures(config: FinetuneConfig) -> list[tuple[str, Any]]:
     """``(id, pymatgen Structure)`` of the configured structures (prototypes first, then files)."""
-    from materials.structures.candidates import build_prototype
-    from materials.structures.inputs import load_structure_dir
-
     out = []
     for source in config.structures:
         structure = build_prototype(source.prototype, source.species)
@@ -124,8 +136,6 @@ def label_jobs(config: FinetuneConfig) -> list[LabelJob]:
     """Perturbed single points (a seeded ``heldout_fraction`` of each structure's held out, at least one) and
     one relaxation per structure."""
     import numpy as np
-
-    from materials.potentials.finetune import perturbed_structures, relaxation_start
 
     jobs = []
     rng = np.random.default_rng(config.data.seed)
@@ -144,15 +154,11 @@ def label_jobs(config: FinetuneConfig) -> list[LabelJob]:
 def _label_task(job: LabelJob, settings: DFTSettings, log_dir: str):
     import torch
 
-    from materials.potentials.finetune import dft_frames
-
     torch.set_num_threads(1)
     return dft_frames(job.atoms, settings, job.id, job.relax_steps, log_path=Path(log_dir) / f"{job.id}.txt")
 
 
 def _reference_task(symbol: str, settings: DFTSettings, ref_dir: str) -> tuple[str, float | None, str | None]:
-    from materials.dft import gpaw as dft
-
     try:
         return symbol, dft.elemental_reference_energy(symbol, settings, ref_dir), None
     except dft.DFTReferenceError as exc:
@@ -166,7 +172,6 @@ def _run_labelling(
     yet (each written to ``<out>/frames`` on arrival). Returns the references (eV/atom) and failures."""
     import ray
 
-    from materials.potentials.finetune import write_frames
     from pipelines.execution import as_completed, init_ray
 
     frames_dir = out / "frames"
@@ -230,8 +235,6 @@ class FinetuneSummary:
 
 def collect_frames(config: FinetuneConfig, jobs: list[LabelJob], out: Path) -> tuple[list, list]:
     """Training and held-out frames: cached GPAW frames (job order) then the configured extxyz files."""
-    from materials.potentials.finetune import read_frames
-
     train, heldout = [], []
     for job in jobs:
         path = out / "frames" / f"{job.id}.xyz"
@@ -272,14 +275,6 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path | None = None, nest
 
     import torch
 
-    from materials.potentials.calculators import load_potential
-    from materials.potentials.finetune import (
-        dataset_hash,
-        evaluate_calculator,
-        train_mace,
-        validate_training_set,
-        write_frames,
-    )
     from pipelines.registry import parse_registry_uri, register_model_file, resolve_potential
     from pipelines.tracking import Tracker, git_commit, redact
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import ray
 
 from materials.errors import InputError
+from materials.potentials.finetune import write_frames
+from materials.structures.inputs import read_structure
 from pipelines.execution import as_completed
 
 
@@ -140,8 +142,6 @@ class DFTOracle:
         return self._work / "frames" / f"{self.candidate_id(index)}.xyz"
 
     def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-        from materials.potentials.finetune import write_frames
-        from materials.structures.inputs import read_structure
         from pipelines.dft_run import DFTItem, compute_references, dft_task, structure_elements
 
         items = {

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import Field
 from pymatgen.core import Composition
 
+from materials.datasets.records import read_text_file
 from materials.datasets.sustainability import SUSTAINABILITY_COLUMNS, sustainability_rows
 from materials.errors import InputError
 from materials.ml.bandgap import (
@@ -546,8 +547,6 @@ def predict_gap_csv(
     Raises:
         FileNotFoundError: no input file. ValueError: no such column (listing the columns).
     """
-    from materials.datasets.records import read_text_file
-
     input_csv = Path(input_csv)
     if not input_csv.is_file():
         raise FileNotFoundError(f"{input_csv}: no such file")

@@ -39,3 +39,16 @@ def reference_table():
 def tiny_mace_path() -> Path:
     assert TINY_MACE.is_file(), "tests/data/tiny_mace.model missing: run scripts/train_tiny_mace.py"
     return TINY_MACE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop a Ray that a test left running while the interpreter is still whole. Otherwise Ray's own atexit
+    shutdown runs during interpreter teardown, where its C++ threads can crash the process after every test
+    passed (seen once on this machine: SIGSEGV in libstdc++, exit code 139)."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
