@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from materials.datasets.sustainability import (
 from materials.errors import InputError, RunError
 from materials.ml.features import featurize_formulas, site_element_columns
 from materials.potentials.finetune import read_frames, write_frames
+from materials.serialise import Record
 from pipelines.campaign_finetune import finetune_on_campaign_data, finetune_parent
 from pipelines.config import CampaignConfig, ConstraintSettings
 from pipelines.oracles import DFTOracle, OracleError, RowOracle
@@ -112,6 +113,33 @@ def pool_from_rows(
     )
 
 
+@dataclass
+class Evaluation(Record):
+    """One evaluated candidate of a campaign, stored the moment it arrives (``campaign.sqlite``) and written to
+    ``evaluations.csv``.
+
+    Attributes:
+        pool_index: row of the candidate in the pool.
+        iteration: 0 for the initial design, then the BO iteration that proposed it.
+        id, formula: the candidate's.
+        status: ``ok`` or ``failed``.
+        failure_reason: why it failed (None when ok).
+        labels: the oracle's values (column -> value, in the oracle's units: eV, eV/atom).
+        objective: desirability of the labels (higher is better; None when failed).
+        hit: inside the target window and stable enough.
+    """
+
+    pool_index: int
+    iteration: int
+    id: str
+    formula: str
+    status: str
+    failure_reason: str | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    objective: float | None = None
+    hit: bool = False
+
+
 class CampaignStore(SQLiteStore):
     """SQLite state of one campaign: proposals per iteration, evaluations as they arrive, fine-tunes, meta."""
 
@@ -130,19 +158,19 @@ class CampaignStore(SQLiteStore):
         rows = self._db.execute("SELECT iteration, kind, proposal FROM iterations ORDER BY iteration")
         return [(it, kind, json.loads(p)) for it, kind, p in rows]
 
-    def add_evaluation(self, record: dict[str, Any]) -> None:
+    def add_evaluation(self, record: Evaluation) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                record["pool_index"],
-                record["iteration"],
-                record["id"],
-                record["formula"],
-                record["status"],
-                record.get("failure_reason"),
-                json.dumps(record.get("labels", {})),
-                json.dumps(record.get("objective")),
-                int(bool(record.get("hit"))),
+                record.pool_index,
+                record.iteration,
+                record.id,
+                record.formula,
+                record.status,
+                record.failure_reason,
+                json.dumps(record.labels),
+                json.dumps(record.objective),
+                int(record.hit),
             ),
         )
         self._db.commit()
@@ -159,16 +187,16 @@ class CampaignStore(SQLiteStore):
         """Fine-tune records by iteration."""
         return [json.loads(r[0]) for r in self._db.execute("SELECT record FROM finetunes ORDER BY iteration")]
 
-    def evaluations(self) -> list[dict[str, Any]]:
-        """Evaluations in the order they were proposed (iteration, then proposal order is restored by caller)."""
-        names = ("pool_index", "iteration", "id", "formula", "status", "failure_reason", "labels", "objective", "hit")
+    def evaluations(self) -> list[Evaluation]:
+        """Every stored evaluation (the caller restores the proposal order from :meth:`iterations`)."""
+        names = [f.name for f in fields(Evaluation)]
         out = []
         for row in self._db.execute(f"SELECT {', '.join(names)} FROM evaluations"):
             rec = dict(zip(names, row, strict=True))
             rec["labels"] = json.loads(rec["labels"])
             rec["objective"] = json.loads(rec["objective"])
             rec["hit"] = bool(rec["hit"])
-            out.append(rec)
+            out.append(Evaluation(**rec))
         return out
 
 
@@ -472,7 +500,7 @@ class Campaign:
         if self.pool.skipped:
             self.tracker.log_dict(self.pool.skipped, "skipped_pool_rows.json")
             (self.out / "skipped_pool_rows.json").write_text(json.dumps(self.pool.skipped, indent=1))
-        self.done = {rec["pool_index"]: rec for rec in self.store.evaluations()}
+        self.done = {rec.pool_index: rec for rec in self.store.evaluations()}
         self.order = [i for _, _, proposal in self.store.iterations() for i in proposal["indices"]]
 
     @property
@@ -481,7 +509,7 @@ class Campaign:
         return "bo-pareto" if (opt.method == "bo" and self.config.objective.mode == "pareto") else opt.method
 
     def n_hits(self) -> int:
-        return sum(1 for i in self.order if self.done[i]["hit"])
+        return sum(1 for i in self.order if self.done[i].hit)
 
     def evaluate(self, indices: Sequence[int], iteration: int) -> None:
         """Evaluate the candidates not evaluated yet, storing each record as it arrives."""
@@ -489,17 +517,17 @@ class Campaign:
         for index, result in self.oracle.evaluate(todo):
             labels = result.get("labels", {})
             ok = result["status"] == "ok"
-            rec = {
-                "pool_index": index,
-                "iteration": iteration,
-                "id": self.pool.ids[index],
-                "formula": self.pool.formulas[index],
-                "status": result["status"],
-                "failure_reason": result.get("failure_reason"),
-                "labels": labels,
-                "objective": self.objective.desirability(labels) if ok else None,
-                "hit": ok and self.objective.is_hit(labels),
-            }
+            rec = Evaluation(
+                pool_index=index,
+                iteration=iteration,
+                id=self.pool.ids[index],
+                formula=self.pool.formulas[index],
+                status=result["status"],
+                failure_reason=result.get("failure_reason"),
+                labels=labels,
+                objective=self.objective.desirability(labels) if ok else None,
+                hit=bool(ok and self.objective.is_hit(labels)),
+            )
             self.store.add_evaluation(rec)
             self.done[index] = rec
 
@@ -556,15 +584,15 @@ class Campaign:
         opt, order, done = self.config.optimizer, self.order, self.done
         if len(order) >= opt.budget or (opt.target_hits is not None and self.n_hits() >= opt.target_hits):
             return False
-        ok_idx = [i for i in order if done[i]["status"] == "ok"]
-        failed_idx = [i for i in order if done[i]["status"] != "ok"]
+        ok_idx = [i for i in order if done[i].status == "ok"]
+        failed_idx = [i for i in order if done[i].status != "ok"]
         if not ok_idx:
             raise CampaignFailed("every evaluation so far failed: see evaluations.csv for the reasons")
         method = self.method
-        y = method_targets(method, self.objective, label_arrays([done[i]["labels"] for i in ok_idx], self.objective))
+        y = method_targets(method, self.objective, label_arrays([done[i].labels for i in ok_idx], self.objective))
         if failed_idx:
             # a failed candidate is never proposed again and counts as the worst candidate observed so far
-            worst = int(np.argmin([done[i]["objective"] for i in ok_idx]))
+            worst = int(np.argmin([done[i].objective for i in ok_idx]))
             y = np.concatenate([y, np.repeat(y[worst : worst + 1], len(failed_idx), axis=0)])
         q = min(opt.batch_size, opt.budget - len(order), len(self.pool.ids) - len(order))
         if q <= 0:
@@ -594,7 +622,7 @@ class Campaign:
         opt, order, done, out = self.config.optimizer, self.order, self.done, self.out
         trace, hits_so_far = [], 0
         for i in order:
-            hits_so_far += int(done[i]["hit"])
+            hits_so_far += int(done[i].hit)
             trace.append(hits_so_far)
         to_target = None
         if opt.target_hits is not None and hits_so_far >= opt.target_hits:
@@ -611,7 +639,7 @@ class Campaign:
         self.tracker.log_artifact(out / "evaluations.csv")
         self.tracker.log_artifact(plot)
         self.tracker.log_artifact(out / "config.yaml")
-        n_failed = sum(1 for i in order if done[i]["status"] != "ok")
+        n_failed = sum(1 for i in order if done[i].status != "ok")
         self.tracker.log_metrics(
             {
                 "n_evaluated": len(order),
@@ -620,9 +648,7 @@ class Campaign:
                 "evaluations_to_target": to_target or -1,
             }
         )
-        hits = [
-            {"id": done[i]["id"], "formula": done[i]["formula"], **done[i]["labels"]} for i in order if done[i]["hit"]
-        ]
+        hits = [{"id": done[i].id, "formula": done[i].formula, **done[i].labels} for i in order if done[i].hit]
         self._finished = True
         return CampaignSummary(
             out,
@@ -700,12 +726,12 @@ def _log_finetune(tracker, config: CampaignConfig, record: dict[str, Any]) -> No
 
 def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> None:
     new = proposal["indices"]
-    ok_values = [done[i]["objective"] for i in order if done[i]["status"] == "ok"]
+    ok_values = [done[i].objective for i in order if done[i].status == "ok"]
     metrics = {
         "n_evaluated": len(order),
-        "hits": sum(1 for i in order if done[i]["hit"]),
+        "hits": sum(1 for i in order if done[i].hit),
         "best_so_far": max(ok_values) if ok_values else math.nan,
-        "batch_hits": sum(1 for i in new if done[i]["hit"]),
+        "batch_hits": sum(1 for i in new if done[i].hit),
     }
     acq = proposal.get("acquisition_values") or []
     if acq:
@@ -716,11 +742,11 @@ def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> Non
             metrics[f"gp_{key}"] = value
     labels = [
         {
-            "id": done[i]["id"],
-            "formula": done[i]["formula"],
-            "status": done[i]["status"],
-            "labels": done[i]["labels"],
-            "hit": done[i]["hit"],
+            "id": done[i].id,
+            "formula": done[i].formula,
+            "status": done[i].status,
+            "labels": done[i].labels,
+            "hit": done[i].hit,
         }
         for i in new
     ]
@@ -733,10 +759,10 @@ def _log_iteration(tracker, iteration, kind, proposal, order, done, pool) -> Non
     )
 
 
-def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], columns: Sequence[str]) -> None:
+def _write_results(path: Path, order: Sequence[int], done: Mapping[int, Evaluation], columns: Sequence[str]) -> None:
     """evaluations.csv: one row per evaluation in order, the oracle's labels, objective and hit, then the formula's
     supply-chain columns (:data:`materials.datasets.sustainability.SUSTAINABILITY_COLUMNS`)."""
-    supply = sustainability_rows([done[i]["formula"] for i in order])
+    supply = sustainability_rows([done[i].formula for i in order])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
@@ -755,18 +781,18 @@ def _write_results(path: Path, order: Sequence[int], done: Mapping[int, dict], c
         )
         for n, (i, extra) in enumerate(zip(order, supply, strict=True), 1):
             rec = done[i]
-            objective = "" if rec["objective"] is None else rec["objective"]
+            objective = "" if rec.objective is None else rec.objective
             writer.writerow(
                 [
                     n,
-                    rec["iteration"],
-                    rec["id"],
-                    rec["formula"],
-                    rec["status"],
-                    rec["failure_reason"] or "",
-                    *(rec["labels"].get(c, "") for c in columns),
+                    rec.iteration,
+                    rec.id,
+                    rec.formula,
+                    rec.status,
+                    rec.failure_reason or "",
+                    *(rec.labels.get(c, "") for c in columns),
                     objective,
-                    int(rec["hit"]),
+                    int(rec.hit),
                     *("" if v is None else v for v in extra.values()),
                 ]
             )

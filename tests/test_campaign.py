@@ -97,9 +97,9 @@ def test_resume_after_a_crash_mid_iteration_matches_uninterrupted(pool_csv, tmp_
     db = CampaignStore(out / "campaign.sqlite")
     db._db.execute("DELETE FROM iterations WHERE iteration >= 3")
     db._db.execute("DELETE FROM evaluations WHERE iteration >= 3")
-    cut = [r for r in db.evaluations() if r["iteration"] == 2][:2]
+    cut = [r for r in db.evaluations() if r.iteration == 2][:2]
     for r in cut:
-        db._db.execute("DELETE FROM evaluations WHERE pool_index = ?", (r["pool_index"],))
+        db._db.execute("DELETE FROM evaluations WHERE pool_index = ?", (r.pool_index,))
     db._db.commit()
     db.close()
     with pytest.raises(CampaignError, match="--resume"):

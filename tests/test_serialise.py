@@ -1,4 +1,5 @@
-"""Records are serialised one way (materials.serialise.Record): JSON round trips and named errors."""
+"""Records are serialised one way (materials.serialise.Record): JSON round trips and named errors; the campaign's
+Evaluation too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from materials.errors import InputError
 from materials.potentials.relax import RelaxResult
 from materials.serialise import Record
 from materials.structures.candidates import Candidate
+from pipelines.campaign import Evaluation
 
 GAAS = AseAtomsAdaptor.get_structure(bulk("GaAs", "zincblende", a=5.65))
 
@@ -28,6 +30,7 @@ GAAS = AseAtomsAdaptor.get_structure(bulk("GaAs", "zincblende", a=5.65))
         Candidate("d", "GaAs", "zincblende", "generated", GAAS),
         ReferenceRow("e", "GaAs", 1.52, 0.01, "experiment", "doi:x", "mp-2534", GAAS, -0.35),
         Prediction("f", "GaAs", 1.4),
+        Evaluation(3, 1, "g", "SrTiO3", "ok", labels={"gap pbe": 1.6, "e_hull": 0.0}, objective=0.9, hit=True),
     ],
     ids=lambda r: type(r).__name__,
 )
