@@ -138,12 +138,12 @@ def run_pipeline(items: list, relax_settings, n_workers: int, chunk_size: int, m
             ray.kill(w)
     finally:
         ray.shutdown()
-    energies = {r["id"]: r.get("energy_per_atom", math.nan) for r in records}
-    statuses = {r["id"]: r["status"] for r in records}
+    energies = {r.id: math.nan if r.energy_per_atom is None else r.energy_per_atom for r in records}
+    statuses = {r.id: r.status for r in records}
     return {
         "seconds": seconds,
         "setup_seconds_untimed": setup_s,
-        "relax_seconds_sum": sum(r.get("seconds") or 0.0 for r in records),
+        "relax_seconds_sum": sum(r.seconds or 0.0 for r in records),
         "workers": n_workers,
         "energies": energies,
         "statuses": statuses,

@@ -433,7 +433,8 @@ class Campaign:
     @classmethod
     def open(cls, config: CampaignConfig, out_dir: str | Path | None = None, resume: bool = False) -> Campaign:
         """Check the output folder against the config (a different campaign there, or this one without
-        ``resume``, is refused before anything runs), then start Ray, build the pool and open the MLflow run.
+        ``resume``, is refused before anything runs), then start Ray (a generated pool: its screen and the DFT
+        oracle run there), build the pool and open the MLflow run.
 
         Raises:
             CampaignError: bad pool, folder holding another campaign, or too few usable rows.
@@ -478,7 +479,10 @@ class Campaign:
         from pipelines.tracking import Tracker, git_commit
 
         config, opt = self.config, self.config.optimizer
-        self.started_ray = init_ray(config.ray)
+        # Ray runs the simulations: the screen of a generated pool and the DFT oracle; a CSV pool labelled from a
+        # table needs none, and starting Ray for it cost ~6 s plus worker start-ups
+        if not config.pool.csv:
+            self.started_ray = init_ray(config.ray)
         self.pool, self.oracle = self._csv_pool or build_pool_and_oracle(config, self.out)
         if len(self.pool.ids) < opt.n_init:
             raise CampaignError(
@@ -514,19 +518,18 @@ class Campaign:
     def evaluate(self, indices: Sequence[int], iteration: int) -> None:
         """Evaluate the candidates not evaluated yet, storing each record as it arrives."""
         todo = [i for i in indices if i not in self.done]
-        for index, result in self.oracle.evaluate(todo):
-            labels = result.get("labels", {})
-            ok = result["status"] == "ok"
+        for index, outcome in self.oracle.evaluate(todo):
+            labels = outcome.labels
             rec = Evaluation(
                 pool_index=index,
                 iteration=iteration,
                 id=self.pool.ids[index],
                 formula=self.pool.formulas[index],
-                status=result["status"],
-                failure_reason=result.get("failure_reason"),
+                status=outcome.status,
+                failure_reason=outcome.failure_reason,
                 labels=labels,
-                objective=self.objective.desirability(labels) if ok else None,
-                hit=bool(ok and self.objective.is_hit(labels)),
+                objective=self.objective.desirability(labels) if outcome.ok else None,
+                hit=bool(outcome.ok and self.objective.is_hit(labels)),
             )
             self.store.add_evaluation(rec)
             self.done[index] = rec

@@ -236,7 +236,7 @@ def dft_task(
         result.notes.append(f"no formation energy: reference(s) {', '.join(sorted(failed_refs))} failed: {reasons}")
     elif result.status == "ok":
         try:
-            result.e_form_per_atom = dft.formation_energy_per_atom(result, settings, ref_dir)
+            result.e_form_per_atom = dft.gpaw_formation_energy_per_atom(result, settings, ref_dir)
             if settings.mp2020:
                 result.mp2020_correction_per_atom = dft.mp2020_correction_per_atom(
                     result.structure.composition, settings, result.hubbard_u

@@ -26,6 +26,7 @@ from materials.thermo.stability import (
 from pipelines.config import RaySettings
 from pipelines.environments import actor_runtime_env
 from pipelines.interrupts import install_sigterm_handler, sigterm_handler_installed
+from pipelines.store import ScreenRow
 
 
 @dataclass
@@ -127,61 +128,43 @@ class RelaxWorker:
 
             self.batched_model = batched_model(spec, self.calculator)
 
-    def relax_chunk(self, items: Sequence[WorkItem]) -> list[dict[str, Any]]:
-        """Check then relax each item; every item yields a record (status ok or failed with a reason)."""
+    def relax_chunk(self, items: Sequence[WorkItem]) -> list[ScreenRow]:
+        """Check then relax each item; every item yields a row (status ok, or failed with a reason)."""
         from pymatgen.core import Structure
 
-        out: list[dict[str, Any] | None] = []
-        to_relax: list[tuple[int, dict[str, Any], Structure]] = []
+        out: list[ScreenRow | None] = []
+        to_relax: list[tuple[int, WorkItem, Structure]] = []
         for item in items:
-            base = {
-                "id": item.id,
-                "formula": item.formula,
-                "prototype": item.prototype,
-                "source": item.source,
-                "potential": self.label,
-            }
             try:
                 structure = Structure.from_dict(item.structure)
                 check_structure(structure, self.checks, self.supported, name=item.id)
             except (StructureCheckError, ValueError, KeyError) as exc:
-                out.append(
-                    {
-                        **base,
-                        "status": "failed",
-                        "failure_reason": f"rejected: {exc}",
-                        "n_atoms": len(item.structure.get("sites", [])),
-                    }
-                )
+                n_atoms = len(item.structure.get("sites", []))
+                out.append(ScreenRow.failed(item, f"rejected: {exc}", self.label, n_atoms))
                 continue
-            to_relax.append((len(out), base, structure))
+            to_relax.append((len(out), item, structure))
             out.append(None)
         if self.batched_model is not None and to_relax:
             from materials.potentials.batched import relax_structures_batched
 
             try:
                 results = relax_structures_batched(
-                    [s for _, _, s in to_relax], self.batched_model, self.relax, ids=[b["id"] for _, b, _ in to_relax]
+                    [s for _, _, s in to_relax], self.batched_model, self.relax, ids=[it.id for _, it, _ in to_relax]
                 )
             except Exception as exc:  # an unexpected error fails this chunk's items, with its reason
                 results = [exc] * len(to_relax)
         else:
             results = []
-            for _, base, structure in to_relax:
+            for _, item, structure in to_relax:
                 try:
-                    results.append(relax_structure(structure, self.calculator, self.relax, item_id=base["id"]))
+                    results.append(relax_structure(structure, self.calculator, self.relax, item_id=item.id))
                 except Exception as exc:  # an unexpected error fails this item only, with its reason
                     results.append(exc)
-        for (slot, base, _), result in zip(to_relax, results, strict=True):
+        for (slot, item, _), result in zip(to_relax, results, strict=True):
             if isinstance(result, Exception):
-                out[slot] = {**base, "status": "failed", "failure_reason": f"error: {type(result).__name__}: {result}"}
-                continue
-            record = {**base, **{k: v for k, v in result.as_dict().items() if k != "structure"}}
-            record["relax_steps"] = result.steps
-            record["structure"] = result.structure.as_dict() if result.structure is not None else None
-            # the CIF text of the relaxed structure, made here so that the driver only writes files
-            record["cif"] = result.structure.to(fmt="cif") if result.structure is not None else None
-            out[slot] = record
+                out[slot] = ScreenRow.failed(item, f"error: {type(result).__name__}: {result}", self.label)
+            else:
+                out[slot] = ScreenRow.relaxed(item, self.label, result)
         return out
 
     def elemental_references(self, symbols: Sequence[str]) -> dict[str, Any]:
@@ -241,7 +224,7 @@ def run_chunks(
     workers: list,
     chunks: Iterable[Sequence[WorkItem]],
     max_in_flight_per_worker: int,
-    on_result: Callable[[list[dict[str, Any]]], None],
+    on_result: Callable[[list[ScreenRow]], None],
 ) -> Iterator[int]:
     """Dispatch chunks round-robin with at most ``max_in_flight_per_worker`` per actor; call ``on_result``
     with each chunk's records as it finishes (yields the number of items finished, for progress bars).
@@ -283,17 +266,7 @@ def run_chunks(
         except ray.exceptions.RayError as exc:
             what = "worker died (retries exhausted)" if isinstance(exc, ray.exceptions.RayActorError) else "task error"
             reason = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            records = [
-                {
-                    "id": it.id,
-                    "formula": it.formula,
-                    "prototype": it.prototype,
-                    "source": it.source,
-                    "status": "failed",
-                    "failure_reason": reason,
-                }
-                for it in chunk
-            ]
+            records = [ScreenRow.failed(it, reason) for it in chunk]
         del ref
         on_result(records)
         yield len(chunk)

@@ -4,21 +4,23 @@
 * ``mlip``: the MLIP screening values (E_form, E_hull) of a generated pool;
 * ``dft``: GPAW DFT on the candidates' structures (``materials/dft/gpaw.py``), one Ray task each.
 
-``evaluate`` runs each item as a Ray task and yields ``(pool_index, record)`` as results arrive, so the
-campaign writes each label the moment it exists. A record holds ``status`` (``ok``/``failed``),
-``failure_reason`` and ``labels`` (column -> float).
+``evaluate`` yields ``(pool_index, OracleOutcome)`` as results arrive, so the campaign writes each label the
+moment it exists. The DFT oracle runs each candidate as a Ray task; the row oracles look labels up in the driver
+(a dict lookup: a Ray task per lookup cost ~1.5 s of worker start-up each and computed nothing).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import ray
 
 from materials.errors import InputError
 from materials.potentials.finetune import write_frames
+from materials.serialise import Record
 from materials.structures.inputs import read_structure
 from pipelines.execution import as_completed
 
@@ -27,12 +29,31 @@ class OracleError(InputError):
     """The oracle cannot serve the campaign (e.g. the objective names a column it does not have)."""
 
 
+@dataclass
+class OracleOutcome(Record):
+    """What an oracle says about one candidate.
+
+    Attributes:
+        status: ``ok`` (every label column has a finite number) or ``failed``.
+        failure_reason: why it failed (None when ok): the missing columns, the DFT error, the task's crash.
+        labels: label column -> value (eV, eV/atom, ... as the column says; NaN where there is no number).
+    """
+
+    status: Literal["ok", "failed"]
+    failure_reason: str | None = None
+    labels: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
 class Oracle(Protocol):
     kind: str
 
     def label_columns(self) -> list[str]: ...
 
-    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]: ...
+    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, OracleOutcome]]: ...
 
 
 def _to_float(value: Any) -> float:
@@ -43,13 +64,17 @@ def _to_float(value: Any) -> float:
     return out
 
 
-@ray.remote(num_cpus=0.25)
-def _lookup_label(row: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+def _missing_labels(labels: Mapping[str, float]) -> list[str]:
+    return [c for c, v in labels.items() if not math.isfinite(v)]
+
+
+def lookup_labels(row: Mapping[str, Any], columns: Sequence[str]) -> OracleOutcome:
+    """The ``columns`` of one labelled row as floats; failed (naming the columns) where a value is not a number."""
     labels = {c: _to_float(row.get(c)) for c in columns}
-    missing = [c for c, v in labels.items() if not math.isfinite(v)]
+    missing = _missing_labels(labels)
     if missing:
-        return {"status": "failed", "failure_reason": f"no numeric value for {', '.join(missing)}", "labels": labels}
-    return {"status": "ok", "failure_reason": None, "labels": labels}
+        return OracleOutcome("failed", f"no numeric value for {', '.join(missing)}", labels)
+    return OracleOutcome("ok", None, labels)
 
 
 class RowOracle:
@@ -81,10 +106,9 @@ class RowOracle:
         """The labelled rows, one per pool candidate (read only: the campaign's random-search baseline)."""
         return self._rows
 
-    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-        refs = {_lookup_label.remote(dict(self._rows[i]), self._columns): i for i in indices}
-        for index, record, reason in as_completed(refs):
-            yield index, record if reason is None else {"status": "failed", "failure_reason": reason, "labels": {}}
+    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, OracleOutcome]]:
+        for index in indices:
+            yield index, lookup_labels(self._rows[index], self._columns)
 
 
 #: Labels the DFT oracle computes (eV; eV/atom; Å^3/atom); any other objective column comes from the pool row.
@@ -141,7 +165,7 @@ class DFTOracle:
         """The extxyz of pool row ``index``'s DFT frames (exists once its calculation returned frames)."""
         return self._work / "frames" / f"{self.candidate_id(index)}.xyz"
 
-    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    def evaluate(self, indices: Sequence[int]) -> Iterator[tuple[int, OracleOutcome]]:
         from pipelines.dft_run import DFTItem, compute_references, dft_task, structure_elements
 
         items = {
@@ -166,7 +190,7 @@ class DFTOracle:
             refs[ref] = i
         for index, result, reason in as_completed(refs):
             if reason is not None:
-                yield index, {"status": "failed", "failure_reason": f"dft {reason}", "labels": {}}
+                yield index, OracleOutcome("failed", f"dft {reason}")
                 continue
             frames = result.pop("frames", None)
             if frames:
@@ -179,14 +203,11 @@ class DFTOracle:
             }
             labels = {c: _to_float(computed[c] if c in computed else self._rows[index].get(c)) for c in self._columns}
             if result["status"] != "ok":
-                yield (
-                    index,
-                    {"status": "failed", "failure_reason": f"dft: {result['failure_reason']}", "labels": labels},
-                )
+                yield index, OracleOutcome("failed", f"dft: {result['failure_reason']}", labels)
                 continue
-            missing = [c for c, v in labels.items() if not math.isfinite(v)]
+            missing = _missing_labels(labels)
             if missing:
                 reason = f"dft gave no {', '.join(missing)} ({'; '.join(result.get('notes') or []) or 'see log'})"
-                yield index, {"status": "failed", "failure_reason": reason, "labels": labels}
+                yield index, OracleOutcome("failed", reason, labels)
                 continue
-            yield index, {"status": "ok", "failure_reason": None, "labels": labels}
+            yield index, OracleOutcome("ok", None, labels)

@@ -45,7 +45,7 @@ from materials.thermo.stability import (
 from pipelines.config import ScreenConfig
 from pipelines.environments import check_potential
 from pipelines.execution import WorkItem, init_ray, make_workers, run_chunks
-from pipelines.store import ResultStore
+from pipelines.store import ResultStore, ScreenRow
 from pipelines.tracking import Tracker, git_commit, redact
 
 log = logging.getLogger(__name__)
@@ -100,23 +100,6 @@ def config_fingerprint(config: ScreenConfig, structures: str | None, limit: int 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_work_items(
-    config: ScreenConfig, structures: str | None, limit: int | None
-) -> tuple[list[WorkItem], list[dict]]:
-    """Work items plus records for inputs that failed before any simulation (unreadable files), as lists (a
-    screen streams them: :func:`iter_work_items`).
-
-    Raises:
-        ValueError: ``limit`` below 1 (``None`` keeps every item).
-    """
-    inputs = iter_work_items(config, structures, limit)
-    items: list[WorkItem] = []
-    failed: list[dict] = []
-    for entry in inputs.entries:
-        (items if isinstance(entry, WorkItem) else failed).append(entry)
-    return items, failed
-
-
 @dataclass
 class WorkInputs:
     """A screen's inputs, produced lazily: ``entries`` yields a :class:`WorkItem` (its structure dict made only
@@ -124,7 +107,7 @@ class WorkInputs:
     record. ``total`` is the number of inputs when known without reading them (files in the folder, at most
     ``limit``), else None."""
 
-    entries: Iterator[WorkItem | dict]
+    entries: Iterator[WorkItem | ScreenRow]
     total: int | None
 
 
@@ -132,9 +115,9 @@ def iter_work_items(config: ScreenConfig, structures: str | None, limit: int | N
     """The screen's inputs, streamed: files are read and candidates built one at a time as they are consumed.
 
     What can be checked without building anything is checked here, at once (``limit``, the folder holds
-    structure files, the candidate settings); a file that cannot be read becomes a failed record when reached.
-    As :func:`build_work_items` always did: ``limit`` counts readable items, and every unreadable file of the
-    folder is recorded as failed, within the limit or not.
+    structure files, the candidate settings); a file that cannot be read becomes a failed row when reached.
+    ``limit`` counts readable items, and every unreadable file of the folder is recorded as failed, within the
+    limit or not.
 
     Raises:
         InputError: ``limit`` below 1, no candidates, an unreadable structures folder, bad candidate settings.
@@ -174,7 +157,7 @@ def _structure_files(directory: str | Path) -> list[str]:
     return files
 
 
-def _file_entries(files: list[str], limit: int | None) -> Iterator[WorkItem | dict]:
+def _file_entries(files: list[str], limit: int | None) -> Iterator[WorkItem | ScreenRow]:
     """Read ``files`` one at a time. Ids are the file stems, a repeated stem gets its suffix appended (as
     :func:`materials.structures.inputs.load_structure_dir` names them). Past ``limit`` readable items a file is still
     read, to record it if it fails, as a full read of the folder did."""
@@ -192,14 +175,7 @@ def _file_entries(files: list[str], limit: int | None) -> Iterator[WorkItem | di
         try:
             structure = read_structure(path)
         except StructureCheckError as exc:
-            yield {
-                "id": item_id,
-                "formula": None,
-                "prototype": "user",
-                "source": str(path),
-                "status": "failed",
-                "failure_reason": f"rejected: {exc}",
-            }
+            yield ScreenRow(item_id, None, "failed", f"rejected: {exc}", "user", str(path))
             continue
         if limit is not None and n_items >= limit:
             continue
@@ -256,7 +232,7 @@ class _TodoChunks:
     its failed records (unreadable files) stored, and its work items cut into chunks of ``size``. Time spent
     here (reading files, building structures, the lookups) is added to ``timings["read_seconds"]``."""
 
-    def __init__(self, entries: Iterator[WorkItem | dict], store: ResultStore, size: int, timings: dict[str, Any]):
+    def __init__(self, entries: Iterator[WorkItem | ScreenRow], store: ResultStore, size: int, timings: dict[str, Any]):
         self.entries = entries
         self.store = store
         self.size = size
@@ -271,8 +247,8 @@ class _TodoChunks:
             block = next(blocks, None)
             if block is None:
                 break
-            done = self.store.stored_ids(e.id if isinstance(e, WorkItem) else e["id"] for e in block)
-            failed = [e for e in block if isinstance(e, dict) and e["id"] not in done]
+            done = self.store.stored_ids(e.id for e in block)
+            failed = [e for e in block if isinstance(e, ScreenRow) and e.id not in done]
             if failed:
                 self.store.write(failed)
             pending.extend(e for e in block if isinstance(e, WorkItem) and e.id not in done)
@@ -408,17 +384,12 @@ def _batched(iterable: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _write_structure_files(records: list[dict], folder: Path) -> None:
-    """Each relaxed structure as ``<id>.cif``: the CIF text the worker made (``cif``), else made here."""
+def _write_structure_files(records: list[ScreenRow], folder: Path) -> None:
+    """Each relaxed structure as ``<id>.cif``, the CIF text the worker made."""
     folder.mkdir(parents=True, exist_ok=True)
     for rec in records:
-        text = rec.get("cif")
-        if text is None and rec.get("structure"):
-            from pymatgen.core import Structure
-
-            text = Structure.from_dict(rec["structure"]).to(fmt="cif")
-        if text is not None:
-            (folder / f"{rec['id']}.cif").write_text(text)
+        if rec.cif is not None:
+            (folder / f"{rec.id}.cif").write_text(rec.cif)
 
 
 def _ehull_plot(store: ResultStore, threshold: float, path: Path) -> Path | None:
@@ -526,7 +497,7 @@ def run_screen(
         timings: dict[str, Any] = {"read_seconds": 0.0, "write_seconds": 0.0, "chunks": []}
         relax_start = time.perf_counter()
 
-        def on_result(records: list[dict]) -> None:
+        def on_result(records: list[ScreenRow]) -> None:
             t0 = time.perf_counter()
             store.write(records)
             _write_structure_files(records, structures_dir)

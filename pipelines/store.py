@@ -13,8 +13,11 @@ import math
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from materials.serialise import Record
 
 #: Columns of results.csv, in order (energies eV/atom, volumes Å^3/atom, forces eV/Å, stress GPa, time s).
 #: ``e_above_hull`` is signed (negative below every known phase); ``e_above_hull_screen`` is the distance to the
@@ -43,6 +46,74 @@ RESULT_COLUMNS = (
     "seconds",
 )
 _EXTRA_COLUMNS = ("stress", "structure")
+#: the stability step's columns: filled by :meth:`ResultStore.update_stability`, never by a worker's row
+STABILITY_COLUMNS = ("e_form_per_atom", "e_above_hull", "e_above_hull_screen", "warning", "energy_convention")
+
+
+@dataclass
+class ScreenRow(Record):
+    """One candidate's screen result as a Ray worker sends it and :meth:`ResultStore.write` stores it.
+
+    The relaxation's numbers (energy eV/atom, volumes Å^3/atom, largest force eV/Å, stress GPa as Voigt xx yy zz yz
+    xz xy, time s; NaN or None where there is no number) or, for ``status="failed"``, why in ``failure_reason``.
+    The stability columns (:data:`STABILITY_COLUMNS`) are the stability step's, written later.
+    ``structure_json`` is the relaxed structure as pymatgen JSON text and ``cif`` its CIF text, both made on the
+    worker so that the driver only writes them (``cif`` goes to ``structures/<id>.cif``, not into the store).
+    """
+
+    id: str
+    formula: str | None
+    status: Literal["ok", "failed"]
+    failure_reason: str | None = None
+    prototype: str | None = None
+    source: str | None = None
+    potential: str | None = None
+    n_atoms: int | None = None
+    energy_per_atom: float | None = None
+    volume_per_atom: float | None = None
+    initial_volume_per_atom: float | None = None
+    max_force: float | None = None
+    relax_steps: int | None = None
+    converged: bool | None = None
+    seconds: float | None = None
+    stress: list[float] | None = None
+    structure_json: str | None = None
+    cif: str | None = None
+
+    @classmethod
+    def failed(cls, item: Any, reason: str, potential: str | None = None, n_atoms: int | None = None) -> ScreenRow:
+        """A failed row for a work item (anything with ``id``, ``formula``, ``prototype`` and ``source``)."""
+        return cls(
+            item.id, item.formula, "failed", reason, item.prototype, item.source, potential=potential, n_atoms=n_atoms
+        )
+
+    @classmethod
+    def relaxed(cls, item: Any, potential: str, result: Any) -> ScreenRow:
+        """The row of a work item relaxed into ``result`` (a :class:`materials.potentials.relax.RelaxResult`, ok
+        or failed): its numbers, and the relaxed structure as JSON and CIF text."""
+        structure = result.structure
+        return cls(
+            id=item.id,
+            formula=result.formula,
+            status=result.status,
+            failure_reason=result.failure_reason,
+            prototype=item.prototype,
+            source=item.source,
+            potential=potential,
+            n_atoms=result.n_atoms,
+            energy_per_atom=result.energy_per_atom,
+            volume_per_atom=result.volume_per_atom,
+            initial_volume_per_atom=result.initial_volume_per_atom,
+            max_force=result.max_force,
+            relax_steps=result.steps,
+            converged=result.converged,
+            seconds=result.seconds,
+            stress=list(result.stress),
+            structure_json=json.dumps(structure.as_dict()) if structure is not None else None,
+            cif=structure.to(fmt="cif") if structure is not None else None,
+        )
+
+
 #: ids per ``IN (...)`` query (SQLite allows at least 999 bound variables)
 _MAX_VARIABLES = 900
 #: terminal colour codes (ESC [ ... m) that must not reach a CSV
@@ -107,28 +178,39 @@ class ResultStore(SQLiteStore):
                 self._db.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
 
     # -- results ----------------------------------------------------------------------------------------
-    def write(self, records: Iterable[dict[str, Any]]) -> int:
-        """Insert or replace records (dicts with RESULT_COLUMNS keys, plus ``stress`` list and ``structure``
-        dict); commits before returning. Returns the number written."""
-        names = RESULT_COLUMNS + _EXTRA_COLUMNS
+    def write(self, records: Iterable[ScreenRow]) -> int:
+        """Insert or replace rows (the stability columns start empty); commits before returning. Returns the number
+        written.
+
+        Raises:
+            TypeError: an item is not a :class:`ScreenRow` (build one with ``ScreenRow(...)`` or
+                ``ScreenRow.from_dict``).
+        """
+        names = [c for c in RESULT_COLUMNS if c not in STABILITY_COLUMNS]
         rows = []
         for rec in records:
+            if not isinstance(rec, ScreenRow):
+                raise TypeError(
+                    f"ResultStore.write takes ScreenRow records, got {type(rec).__name__}; "
+                    "build one with ScreenRow(...) or ScreenRow.from_dict(...)"
+                )
             row = []
             for name in names:
-                value = rec.get(name)
-                if name in _EXTRA_COLUMNS and value is not None:
-                    value = json.dumps(value)
-                elif isinstance(value, float) and not math.isfinite(value):
+                value = getattr(rec, name)
+                if isinstance(value, float) and not math.isfinite(value):
                     value = None
                 elif isinstance(value, bool):
                     value = int(value)
                 elif name == "failure_reason" and isinstance(value, str):
                     value = ANSI_ESCAPE.sub("", value)  # Ray colours the errors it relays from workers
                 row.append(value)
+            row.append(json.dumps(rec.stress) if rec.stress is not None else None)
+            row.append(rec.structure_json)
             rows.append(row)
-        placeholders = ", ".join("?" for _ in names)
-        columns = ", ".join(f'"{n}"' for n in names)  # by name: a migrated store has its columns in another order
-        self._db.executemany(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", rows)
+        columns = [*names, *_EXTRA_COLUMNS]
+        placeholders = ", ".join("?" for _ in columns)
+        quoted = ", ".join(f'"{n}"' for n in columns)  # by name: a migrated store has its columns in another order
+        self._db.executemany(f"INSERT OR REPLACE INTO results ({quoted}) VALUES ({placeholders})", rows)
         self._db.commit()
         return len(rows)
 

@@ -210,9 +210,9 @@ def test_dft_oracle_computes_each_shared_elemental_reference_once(tmp_path):
     finally:
         if started:
             ray.shutdown()
-    assert all(r["status"] == "ok" for r in records.values()), records
+    assert all(r.ok and r.failure_reason is None for r in records.values()), records
     # SiGe (unrelaxed, at these settings, MP2020 Si term included) lies near Si + Ge; zincblende AlSi above it
-    sige, alsi = (records[i]["labels"]["dft_e_form_per_atom"] for i in (0, 1))
+    sige, alsi = (records[i].labels["dft_e_form_per_atom"] for i in (0, 1))
     assert abs(sige) < 0.15 and alsi > sige, (sige, alsi)
     ledger = (oracle.reference_dir / REFERENCE_LEDGER).read_text().splitlines()
     assert sorted(json.loads(line)["symbol"] for line in ledger) == ["Al", "Ge", "Si"]

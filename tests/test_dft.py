@@ -23,8 +23,8 @@ from materials.dft.gpaw import (  # noqa: E402
     DFTSettings,
     band_gap,
     elemental_reference_energy,
-    formation_energy_per_atom,
     gap_from_eigenvalues,
+    gpaw_formation_energy_per_atom,
     gpaw_u_corrections,
     hubbard_u_values,
     installed_setup_elements,
@@ -175,19 +175,19 @@ def test_elemental_reference_is_cached_and_formation_energy_subtracts_it(tmp_pat
     assert time.perf_counter() - start < 0.5
 
     strained = single_point(si(5.70), FAST)
-    e_form = formation_energy_per_atom(strained, FAST, tmp_path)
+    e_form = gpaw_formation_energy_per_atom(strained, FAST, tmp_path)
     assert e_form == pytest.approx(strained.energy_per_atom - mu)
     assert e_form > 0.0  # strained Si is above relaxed Si
 
     other = DFTSettings(ecut=260.0, kpts=(3, 3, 3))
     with pytest.raises(ValueError, match="identical settings"):
-        formation_energy_per_atom(strained, other, tmp_path)
+        gpaw_formation_energy_per_atom(strained, other, tmp_path)
 
 
 def test_formation_energy_of_a_failed_result_is_refused(tmp_path):
     failed = DFTResult(id="x", formula="Si", status="failed", task="single_point", failure_reason="test")
     with pytest.raises(ValueError, match="status 'failed'"):
-        formation_energy_per_atom(failed, FAST, tmp_path)
+        gpaw_formation_energy_per_atom(failed, FAST, tmp_path)
 
 
 def test_scf_non_convergence_is_a_failure_with_reason():
@@ -410,6 +410,6 @@ def test_mp_u_values_and_a_mixed_gga_gga_u_formation_energy_is_refused(tmp_path)
         settings_hash=settings_hash(gga),
     )
     with pytest.raises(ValueError, match="mixing the two is refused"):
-        formation_energy_per_atom(result, gga, tmp_path)
+        gpaw_formation_energy_per_atom(result, gga, tmp_path)
     with pytest.raises(ValueError, match="identical settings"):
-        formation_energy_per_atom(result, replace(gga, hubbard_u="mp"), tmp_path)
+        gpaw_formation_energy_per_atom(result, replace(gga, hubbard_u="mp"), tmp_path)

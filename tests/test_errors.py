@@ -22,7 +22,7 @@ import pipelines
 from materials.errors import InputError, RunError, SemidiscError
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_campaign_config, load_config
-from pipelines.store import ResultStore
+from pipelines.store import ResultStore, ScreenRow
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -105,7 +105,7 @@ def test_foreign_resume_and_unwritable_out_are_one_line_errors(tmp_path, cu_fold
     foreign = tmp_path / "foreign"
     with ResultStore(foreign / "results.sqlite") as store:
         store.set_meta("fingerprint", "another-screen")
-        store.write([{"id": "x", "formula": "Si", "status": "failed", "failure_reason": "test"}])
+        store.write([ScreenRow("x", "Si", "failed", "test")])
     base = ["screen", str(cfg), "--structures", str(cu_folder), "--no-progress"]
     assert main([*base, "--out", str(foreign), "--resume"]) == 2
     assert "holds a screen with different settings" in one_line(capsys.readouterr().err)
@@ -193,7 +193,7 @@ def test_one_csv_reader_accepts_a_byte_order_mark(tmp_path):
 
 def test_failure_reasons_reach_the_csv_without_terminal_colours(tmp_path):
     with ResultStore(tmp_path / "results.sqlite") as store:
-        store.write([{"id": "a", "status": "failed", "failure_reason": "worker died: \x1b[31mRayActorError\x1b[0m: x"}])
+        store.write([ScreenRow("a", None, "failed", "worker died: \x1b[31mRayActorError\x1b[0m: x")])
         store.export_csv(tmp_path / "results.csv")
     row = next(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert row["failure_reason"] == "worker died: RayActorError: x"

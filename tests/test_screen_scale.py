@@ -23,8 +23,9 @@ from materials.thermo.stability import (
     mp_references,
 )
 from pipelines.config import parse_config
+from pipelines.execution import WorkItem
 from pipelines.screen import _file_entries, _structure_files, compute_stability, run_screen
-from pipelines.store import ResultStore
+from pipelines.store import ResultStore, ScreenRow
 
 METALS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 
@@ -95,10 +96,10 @@ def test_compute_stability_on_a_store_in_batches(tmp_path):
     for i in range(60):
         comp = Composition({rng.choice(("Cu", "Ni")): rng.randint(1, 3), rng.choice(("Au", "Ag")): rng.randint(1, 3)})
         e = rng.gauss(-0.05, 0.1)
-        records.append({"id": f"r{i:03d}", "formula": comp.reduced_formula, "status": "ok", "energy_per_atom": e})
+        records.append(ScreenRow(f"r{i:03d}", comp.reduced_formula, "ok", energy_per_atom=e))
         red = Composition(comp.reduced_formula)
         energies[f"r{i:03d}"] = (red, e * red.num_atoms)
-    records.append({"id": "failed", "formula": "CuAu", "status": "failed", "failure_reason": "rejected: test"})
+    records.append(ScreenRow("failed", "CuAu", "failed", "rejected: test"))
     table = HullTable.load()
     expected = assess_stability(energies, refs, table, None)
     with ResultStore(tmp_path / "results.sqlite") as store:
@@ -121,13 +122,14 @@ def test_folder_is_read_lazily_with_the_ids_load_structure_dir_gives(tmp_path):
     (tmp_path / "broken.cif").write_text("not a cif")
     files = _structure_files(tmp_path)
     streamed = list(_file_entries(files, None))
-    ids = [e["id"] if isinstance(e, dict) else e.id for e in streamed]
+    ids = [e.id for e in streamed]
     assert ids == [entry.id for entry in load_structure_dir(tmp_path)]
-    failed = [e for e in streamed if isinstance(e, dict)]
-    assert [e["id"] for e in failed] == ["broken"] and failed[0]["failure_reason"].startswith("rejected:")
+    failed = [e for e in streamed if isinstance(e, ScreenRow)]
+    assert [e.id for e in failed] == ["broken"] and failed[0].failure_reason.startswith("rejected:")
+    assert failed[0].status == "failed" and failed[0].source.endswith("broken.cif")
     # with a limit the unreadable file is still recorded, as a full read of the folder did
     limited = list(_file_entries(files, 2))
-    assert sum(isinstance(e, dict) for e in limited) == 1 and sum(not isinstance(e, dict) for e in limited) == 2
+    assert sum(isinstance(e, ScreenRow) for e in limited) == 1 and sum(isinstance(e, WorkItem) for e in limited) == 2
 
 
 @pytest.mark.slow
@@ -161,7 +163,7 @@ def test_dispatch_pulls_chunks_as_workers_free_up():
 
         def on_result(records):
             counts["finished"] += len(records)
-            ids.extend(r["id"] for r in records)
+            ids.extend(r.id for r in records)
 
         finished = sum(run_chunks(workers, chunked(items(), 3), 2, on_result))
     finally:

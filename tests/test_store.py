@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sqlite3
 
+import pytest
+
 from materials.thermo.stability import StabilityRow
-from pipelines.store import RESULT_COLUMNS, ResultStore
+from pipelines.store import RESULT_COLUMNS, STABILITY_COLUMNS, ResultStore, ScreenRow
 
 
 def test_results_survive_reopen_and_export(tmp_path):
@@ -13,22 +16,8 @@ def test_results_survive_reopen_and_export(tmp_path):
     with ResultStore(path) as store:
         store.write(
             [
-                {
-                    "id": "a",
-                    "formula": "GaAs",
-                    "status": "ok",
-                    "energy_per_atom": -4.06,
-                    "converged": True,
-                    "stress": [0.1] * 6,
-                    "structure": {"x": 1},
-                },
-                {
-                    "id": "b",
-                    "formula": "GaN",
-                    "status": "failed",
-                    "failure_reason": "rejected: because",
-                    "energy_per_atom": math.nan,
-                },
+                ScreenRow("a", "GaAs", "ok", energy_per_atom=-4.06, converged=True, stress=[0.1] * 6),
+                ScreenRow("b", "GaN", "failed", "rejected: because", energy_per_atom=math.nan),
             ]
         )
         store.set_meta("fingerprint", "abc")
@@ -37,7 +26,7 @@ def test_results_survive_reopen_and_export(tmp_path):
         assert store.get_meta("fingerprint") == "abc"
         store.update_stability({"a": StabilityRow(-0.35, -0.2, 0.0, "below the known hull")}, "mp2020")
         recs = {r["id"]: r for r in store.records(with_structures=True)}
-        assert recs["a"]["converged"] is True and recs["a"]["structure"] == {"x": 1}
+        assert recs["a"]["converged"] is True and recs["a"]["structure"] is None
         assert recs["a"]["e_form_per_atom"] == -0.35 and recs["a"]["e_above_hull"] == -0.2
         assert recs["a"]["e_above_hull_screen"] == 0.0 and recs["a"]["warning"] == "below the known hull"
         assert recs["a"]["energy_convention"] == "mp2020"
@@ -62,7 +51,8 @@ def test_a_store_from_before_the_new_columns_still_resumes(tmp_path):
     db.commit()
     db.close()
     with ResultStore(path) as store:
-        store.write([{"id": "new", "formula": "GaP", "status": "ok", "energy_per_atom": -4.2, "warning": "w"}])
+        store.write([ScreenRow("new", "GaP", "ok", energy_per_atom=-4.2)])
+        store.update_stability({"new": StabilityRow(-0.1, 0.0, 0.0, "w")}, "mp2020")
         recs = {r["id"]: r for r in store.records()}
     assert recs["old"]["energy_per_atom"] == -4.0 and recs["old"]["warning"] is None
     assert recs["new"]["energy_per_atom"] == -4.2 and recs["new"]["warning"] == "w"
@@ -73,10 +63,9 @@ def test_queries_that_let_a_large_screen_stream(tmp_path):
     CSV with extra columns: what a 100,000-candidate screen uses instead of holding every record."""
     with ResultStore(tmp_path / "results.sqlite") as store:
         store.write(
-            {"id": f"i{i:04d}", "formula": "GaAs" if i % 2 else "GaP", "status": "ok", "energy_per_atom": -4.0 - i}
-            for i in range(2000)
+            ScreenRow(f"i{i:04d}", "GaAs" if i % 2 else "GaP", "ok", energy_per_atom=-4.0 - i) for i in range(2000)
         )
-        store.write([{"id": "bad", "formula": None, "status": "failed", "failure_reason": "rejected: x"}])
+        store.write([ScreenRow("bad", None, "failed", "rejected: x")])
         assert store.stored_ids(["i0001", "nope", "bad", *(f"i{i:04d}" for i in range(1000, 1990))]) == {
             "i0001",
             "bad",
@@ -118,3 +107,22 @@ def test_screen_campaign_and_dft_stores_share_one_base(tmp_path):
     dft.write({"id": "si", "energy": -5.4})
     dft.close()
     assert DFTStore(tmp_path / "DFTStore.sqlite").records() == [{"id": "si", "energy": -5.4}]
+
+
+def test_screen_rows_are_typed_and_fill_every_column_but_stability(tmp_path):
+    """A worker's ScreenRow carries every results column except the stability step's; the store takes only
+    ScreenRows (a dict is refused, naming the fix) and a row goes through JSON unchanged (what Ray ships)."""
+    from dataclasses import fields
+
+    named = {f.name for f in fields(ScreenRow)}
+    assert set(RESULT_COLUMNS) - named == set(STABILITY_COLUMNS)
+    assert named - set(RESULT_COLUMNS) == {"stress", "structure_json", "cif"}
+    row = ScreenRow("c", "GaAs", "ok", n_atoms=2, energy_per_atom=-4.1, stress=[0.0] * 6, structure_json='{"x": 1}')
+    assert ScreenRow.from_dict(json.loads(json.dumps(row.as_dict()))) == row
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        with pytest.raises(TypeError, match=r"takes ScreenRow records, got dict; build one with ScreenRow"):
+            store.write([{"id": "d", "formula": "Si", "status": "ok"}])
+        assert store.count() == 0
+        store.write([row])
+        (stored,) = store.records(with_structures=True)
+    assert stored["n_atoms"] == 2 and stored["stress"] == [0.0] * 6 and stored["structure"] == {"x": 1}

@@ -4,7 +4,7 @@ Four operations, each returning a :class:`DFTResult` and never raising for a cal
 :func:`single_point`, :func:`relax` (positions + cell), :func:`band_gap` (self-consistent run, then a
 non-self-consistent band path) and, on top of them, formation energies against elemental references computed
 with the same settings and cached on disk (:func:`elemental_reference_energy`,
-:func:`formation_energy_per_atom`).
+:func:`gpaw_formation_energy_per_atom`).
 
 Materials Project's methodology by default: compounds with magnetic elements (``MAGNETIC_ELEMENTS``) run
 spin-polarised from MP's initial moments, and :func:`magnetic_ground_state` picks the lowest of the ferromagnetic
@@ -1316,14 +1316,14 @@ def elemental_references(
     return stability.ElementalEnergies(convention="self", potential=label, mu=mu, source="dft")
 
 
-def formation_energy_per_atom(
+def gpaw_formation_energy_per_atom(
     result: DFTResult, settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
 ) -> float:
     """Formation energy, eV/atom, of a successful result against elemental references computed with the same
     ``settings`` (the elements in GGA, as MP computes them), plus the compound's MP2020 correction per atom
     (:func:`mp2020_correction_per_atom`) when ``settings.mp2020``: then it is on the MP2020 scale (oxides,
     fluorides, GGA+U compounds) that the screen uses. The caller stores it:
-    ``result.e_form_per_atom = formation_energy_per_atom(result, ...)``.
+    ``result.e_form_per_atom = gpaw_formation_energy_per_atom(result, ...)``.
 
     Raises:
         ValueError: the result failed, it was computed with other settings (its ``settings_hash``), or (with
