@@ -74,6 +74,7 @@ test-fast: setup
 
 bench: setup setup-sevennet
 	$(PY) benchmarks/screen_overhead.py
+	$(PY) benchmarks/screen_row_transport.py --save benchmarks/results/screen_row_transport.json
 	$(PY) benchmarks/perf_record.py
 	$(PY) benchmarks/stability_accuracy.py
 	$(PY) benchmarks/bo_perovskites.py
