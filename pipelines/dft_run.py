@@ -351,13 +351,13 @@ def run_dft(
     started = False
     status = "FAILED"
     try:
-        started = init_ray(config.ray)
+        started = init_ray(config.ray) if todo else False  # a rerun with everything stored needs no Ray
         tracker.log_params(
             {f"dft.{k}": v for k, v in config.dft.__dict__.items()}
             | {"relax": relax, "bandgap": bandgap, "n_items": len(items)}
         )
         tracker.set_tags({"git_commit": git_commit()})
-        ref_errors = compute_references(structure_elements(todo), config.dft, ref_dir)
+        ref_errors = compute_references(structure_elements(todo), config.dft, ref_dir) if todo else {}
         task = ray.remote(num_cpus=1, max_retries=1)(dft_task)
         refs = {
             task.remote(

@@ -426,6 +426,26 @@ def check_potential_loads(spec: PotentialSpec, environments: Mapping[str, str] |
     return check_potential(spec, environments)
 
 
+def _check_resume(store: ResultStore, out: Path, fingerprint: str, resume: bool) -> int:
+    """The number of results ``store`` holds, once it is clear this screen may write there.
+
+    Raises:
+        ResumeError: the store holds results of another screen, or of this one without ``resume``.
+    """
+    previous = store.get_meta("fingerprint")
+    n_stored = len(store)
+    if previous is not None and previous != fingerprint:
+        if n_stored:
+            raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
+        store.set_meta("mlflow_run_id", None)  # an earlier start that stored nothing: reuse the folder
+    if previous == fingerprint and not resume and n_stored:
+        raise ResumeError(
+            f"{out} already holds {n_stored} results of this screen; "
+            "pass --resume to continue it, or choose another --out"
+        )
+    return n_stored
+
+
 def run_screen(
     config: ScreenConfig,
     structures: str | None = None,
@@ -456,22 +476,19 @@ def run_screen(
     config = config.model_copy(update={"potential": potential})
     # every input is checked before anything is written: a mistake fixed and rerun meets no stale fingerprint
     inputs = iter_work_items(config, structures, limit)
-    potential_info = check_potential_loads(config.potential, config.ray.environments)
-    out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out / "results.sqlite")
-    previous = store.get_meta("fingerprint")
-    n_stored = len(store)
-    if previous is not None and previous != fingerprint:
-        if n_stored:
+    # a folder that already holds a store is judged first: refusing it costs no potential load
+    store_path = out / "results.sqlite"
+    store = ResultStore(store_path) if store_path.is_file() else None
+    try:
+        n_stored = _check_resume(store, out, fingerprint, resume) if store is not None else 0
+        potential_info = check_potential_loads(config.potential, config.ray.environments)
+    except BaseException:
+        if store is not None:
             store.close()
-            raise ResumeError(f"{out} holds a screen with different settings or inputs; use another --out")
-        store.set_meta("mlflow_run_id", None)  # an earlier start that stored nothing: reuse the folder
-    if previous == fingerprint and not resume and n_stored:
-        store.close()
-        raise ResumeError(
-            f"{out} already holds {n_stored} results of this screen; "
-            "pass --resume to continue it, or choose another --out"
-        )
+        raise
+    if store is None:
+        out.mkdir(parents=True, exist_ok=True)
+        store = ResultStore(store_path)
     store.set_meta("fingerprint", fingerprint)
     (out / "config.yaml").write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
 

@@ -43,7 +43,7 @@ def _fcc_lattice_constant(structure: Structure) -> float:
 
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+def screened(tmp_path_factory, mlflow_uri) -> tuple[pd.DataFrame, Path]:
     tmp = tmp_path_factory.mktemp("api")
     config_path = tmp / "screen.yaml"
     config_path.write_text(
@@ -52,7 +52,7 @@ def screened(tmp_path_factory) -> tuple[pd.DataFrame, Path]:
                 "name": "test-api",
                 "relax": {"fmax": 0.05, "max_steps": 200},
                 "ray": {"num_cpus": 2, "num_workers": 1, "chunk_size": 2},
-                "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "test"},
+                "tracking": {"uri": mlflow_uri(tmp / "mlruns" / "mlflow.db"), "experiment": "test"},
             }
         )
     )

@@ -33,6 +33,12 @@ def pool_csv(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _empty_mlflow_store(tmp_path, mlflow_uri):
+    """The store config_for points at, created from the session's empty MLflow store (no schema migrations)."""
+    mlflow_uri(tmp_path / "mlflow.db")
+
+
 def config_for(pool: Path, tmp_path: Path, **optimizer):
     return parse_campaign_config(
         {

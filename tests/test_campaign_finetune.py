@@ -51,7 +51,8 @@ def campaign_data(tmp_path, **overrides) -> dict:
 
 
 @pytest.mark.slow
-def test_dft_campaign_finetunes_registers_and_resumes(tmp_path):
+def test_dft_campaign_finetunes_registers_and_resumes(tmp_path, mlflow_uri):
+    mlflow_uri(tmp_path / "mlruns" / "mlflow.db")  # the store campaign_data points at, empty, schema made once
     pytest.importorskip("gpaw")
     import mlflow
 

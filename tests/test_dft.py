@@ -17,6 +17,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 pytest.importorskip("gpaw")
 
 from materials.dft.gpaw import (  # noqa: E402
+    REFERENCE_LEDGER,
     REFERENCE_RECIPE,
     DFTReferenceError,
     DFTResult,
@@ -182,6 +183,23 @@ def test_elemental_reference_is_cached_and_formation_energy_subtracts_it(tmp_pat
     other = DFTSettings(ecut=260.0, kpts=(3, 3, 3))
     with pytest.raises(ValueError, match="identical settings"):
         gpaw_formation_energy_per_atom(strained, other, tmp_path)
+
+
+def test_an_unconverged_cached_reference_is_relaxed_again_by_a_run_allowing_more_steps(tmp_path):
+    """relax_max_steps is not in the settings hash (a converged energy does not depend on it): a reference that
+    stopped at a 1-step limit is reused by 1-step runs only; a run allowing 20 steps relaxes it again."""
+    one_step = replace(FAST, relax_max_steps=1)
+    short = elemental_reference_energy("Si", one_step, tmp_path)
+    path = tmp_path / f"Si-{settings_hash(FAST)}.json"
+    assert settings_hash(one_step) == settings_hash(FAST) and not json.loads(path.read_text())["result"]["converged"]
+    assert elemental_reference_energy("Si", one_step, tmp_path) == short  # a cache hit
+    full = elemental_reference_energy("Si", FAST, tmp_path)
+    record = json.loads(path.read_text())
+    assert record["result"]["converged"] and record["energy_per_atom"] == full
+    assert full <= short + 1e-6  # relaxing further does not raise the energy
+    assert elemental_reference_energy("Si", one_step, tmp_path) == full  # the converged one serves everyone
+    ledger = (tmp_path / REFERENCE_LEDGER).read_text().splitlines()
+    assert len(ledger) == 2
 
 
 def test_formation_energy_of_a_failed_result_is_refused(tmp_path):

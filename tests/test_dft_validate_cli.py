@@ -14,7 +14,7 @@ from pipelines.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_dft_cli_runs_records_failures_and_resumes(tmp_path, capsys):
+def test_dft_cli_runs_records_failures_and_resumes(tmp_path, capsys, mlflow_uri):
     pytest.importorskip("gpaw")
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -27,7 +27,7 @@ def test_dft_cli_runs_records_failures_and_resumes(tmp_path, capsys):
             {
                 "dft": {"ecut": 250, "kpts": [3, 3, 3], "relax_max_steps": 10},
                 "ray": {"num_cpus": 2},
-                "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "dft"},
+                "tracking": {"uri": mlflow_uri(tmp_path / "mlflow.db"), "experiment": "dft"},
             }
         )
     )

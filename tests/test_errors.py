@@ -74,7 +74,10 @@ def test_every_error_class_has_one_base_and_an_exit_code():
 
 
 @pytest.mark.slow
-def test_unknown_potential_fails_at_once_and_a_corrected_rerun_reuses_the_folder(tmp_path, cu_folder, capsys):
+def test_unknown_potential_fails_at_once_and_a_corrected_rerun_reuses_the_folder(
+    tmp_path, cu_folder, capsys, mlflow_uri
+):
+    mlflow_uri(tmp_path / "mlflow.db")  # the store screen_config points at: empty, schema made once
     import ray
 
     out = tmp_path / "out"
@@ -111,6 +114,11 @@ def test_foreign_resume_and_unwritable_out_are_one_line_errors(tmp_path, cu_fold
     assert "holds a screen with different settings" in one_line(capsys.readouterr().err)
     with ResultStore(foreign / "results.sqlite") as store:
         assert len(store) == 1 and store.get_meta("fingerprint") == "another-screen"  # untouched
+    # the folder is judged before the potential is loaded: a refused run costs no model load (nor its errors)
+    unloadable = write_config(tmp_path / "m.yaml", screen_config(tmp_path, {"name": "mace", "model": "no-such-model"}))
+    assert main(["screen", str(unloadable), "--structures", str(cu_folder), "--out", str(foreign)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "holds a screen with different settings" in err and "no-such-model" not in err
 
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")

@@ -98,7 +98,7 @@ def test_unresolved_registry_uri_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
+def finetuned(tmp_path_factory, mlflow_uri):
     """One real fine-tune (2 epochs from tiny_mace.model) through the pipeline, registered in a temp store."""
     from materials.potentials.finetune import TrainSettings, write_frames
     from pipelines.finetune_run import FinetuneConfig, run_finetune
@@ -115,7 +115,7 @@ def finetuned(tmp_path_factory):
         ),
         compare=[PotentialSpec(name="emt")],
         register_as="tiny-ft",
-        tracking={"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "test-finetune"},
+        tracking={"uri": mlflow_uri(tmp / "mlruns" / "mlflow.db"), "experiment": "test-finetune"},
     )
     return config, run_finetune(config, out_dir=tmp / "out"), tmp
 

@@ -163,14 +163,14 @@ def submit_job(address: str, env: dict, working_dir: Path, entrypoint: list[str]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_screen_runs_as_a_ray_job(ray_head, tmp_path):
+def test_screen_runs_as_a_ray_job(ray_head, tmp_path, mlflow_uri):
     import mlflow
 
     address, env = ray_head
     working_dir = tmp_path / "job"
     working_dir.mkdir()
     out = tmp_path / "shared" / "out"
-    tracking_uri = f"sqlite:///{tmp_path}/shared/mlflow.db"
+    tracking_uri = mlflow_uri(tmp_path / "shared" / "mlflow.db")
     config = {
         "name": "ray-job",
         "candidates": {"prototypes": {"zincblende": [["Ga", "In"], ["P", "As"]]}},
@@ -231,7 +231,7 @@ print("RESULT " + json.dumps(out))
     not (BIN.parent.parent / ".venv-sevennet" / "bin" / "python").is_file() and not os.environ.get("CI"),
     reason="SevenNet's environment is not built: run `make setup-sevennet` (make test builds it)",
 )
-def test_one_ray_job_uses_both_environments(ray_head, tmp_path):
+def test_one_ray_job_uses_both_environments(ray_head, tmp_path, mlflow_uri):
     """One submitted Ray job (one driver) screens with CHGNet (actors in .venv) and SevenNet-0 (actors in
     .venv-sevennet): both give physical energies on MP's scale for Si and GaAs."""
     address, env = ray_head
@@ -242,7 +242,7 @@ def test_one_ray_job_uses_both_environments(ray_head, tmp_path):
         address,
         env,
         working_dir,
-        ["python", "both.py", f"sqlite:///{tmp_path}/shared/mlflow.db", str(tmp_path / "shared")],
+        ["python", "both.py", mlflow_uri(tmp_path / "shared" / "mlflow.db"), str(tmp_path / "shared")],
         timeout=300,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]

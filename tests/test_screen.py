@@ -46,7 +46,8 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
     return {row["id"]: row for row in csv.DictReader(path.open())}
 
 
-def test_screen_end_to_end_with_mlflow(tmp_path):
+def test_screen_end_to_end_with_mlflow(tmp_path, mlflow_uri):
+    mlflow_uri(tmp_path / "mlruns" / "mlflow.db")  # the store small_config points at: empty, schema made once
     import mlflow
 
     config = small_config(tmp_path)
@@ -143,11 +144,15 @@ def _stored(out: Path) -> int:
         return 0
 
 
-def test_interrupted_screen_resumes_to_identical_results(tmp_path):
+def test_interrupted_screen_resumes_to_identical_results(tmp_path, mlflow_uri, capsys):
+    import ray
+
+    from pipelines.cli import main
+
     data = yaml.safe_load(yaml.safe_dump(SMALL))
     data["candidates"]["prototypes"]["wurtzite"] = [["Ga", "In", "Al"], ["N", "P"]]
     data["ray"] = {"num_cpus": 1, "num_workers": 1, "chunk_size": 1, "max_in_flight_per_worker": 1}
-    data["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "resume"}
+    data["tracking"] = {"uri": mlflow_uri(tmp_path / "mlflow.db"), "experiment": "resume"}
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "pipelines.cli", "screen", str(cfg), "--no-progress"]
@@ -188,8 +193,10 @@ def test_interrupted_screen_resumes_to_identical_results(tmp_path):
     assert 3 <= done_before < 12
     assert not (out / "results.csv").exists()
 
-    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    # the same command without --resume is refused (in this process: the refusal comes before any potential loads)
+    capsys.readouterr()
+    assert main(["screen", str(cfg), "--no-progress", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err and not ray.is_initialized()
     # SIGTERM (Slurm's time limit, Kubernetes, kill) stops the resumed run the same way
     term = stop_after(done_before + 2, signal.SIGTERM, ["--resume"])
     assert term.returncode == 143, term.stderr[-2000:]
@@ -208,10 +215,11 @@ def test_interrupted_screen_resumes_to_identical_results(tmp_path):
             assert got[key][col] == row[col], (key, col)
 
 
-def test_uncorrected_model_screen_adds_mp2020_once(tmp_path, tiny_mace_path):
+def test_uncorrected_model_screen_adds_mp2020_once(tmp_path, tiny_mace_path, mlflow_uri):
     """The tiny MACE declared ``uncorrected``: E_form = (E + MP2020 correction - MP elemental energies) / N, the
     convention recorded per row and as an MLflow tag (intermetallics carry no MP2020 correction: by hand it is
     the plain difference)."""
+    mlflow_uri(tmp_path / "mlruns" / "mlflow.db")  # the store small_config points at: empty, schema made once
     import gzip
     import json
     from importlib import resources

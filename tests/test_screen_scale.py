@@ -177,7 +177,7 @@ def test_dispatch_pulls_chunks_as_workers_free_up():
 
 
 @pytest.mark.slow
-def test_screen_of_a_folder_resumes_what_was_lost(tmp_path):
+def test_screen_of_a_folder_resumes_what_was_lost(tmp_path, mlflow_uri):
     """A real EMT screen of 40 files in chunks of 7; rows lost (as a kill loses the chunks in flight) are
     relaxed again on resume, and only those; results.csv keeps its columns, the failed file its reason."""
     inputs = tmp_path / "inputs"
@@ -189,7 +189,7 @@ def test_screen_of_a_folder_resumes_what_was_lost(tmp_path):
             "potential": {"name": "emt"},
             "relax": {"fmax": 0.05, "max_steps": 3, "relax_cell": False},
             "ray": {"num_cpus": 2, "num_workers": 2, "chunk_size": 7, "max_in_flight_per_worker": 2},
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "scale"},
+            "tracking": {"uri": mlflow_uri(tmp_path / "mlflow.db"), "experiment": "scale"},
         }
     )
     out = tmp_path / "out"

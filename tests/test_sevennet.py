@@ -78,7 +78,7 @@ print(json.dumps(out))
 
 
 @needs_sevennet
-def test_sevennet_and_main_env_screens_in_one_ray_session(tmp_path):
+def test_sevennet_and_main_env_screens_in_one_ray_session(tmp_path, mlflow_uri):
     """One Ray session runs a SevenNet-0 screen (actors in .venv-sevennet) and a tiny-MACE screen (main venv):
     SevenNet's energies equal a direct call in its environment to 1e-6 eV/atom, its E_form is on MP's scale
     (MP2020 added: uncorrected convention), and the main-environment screen is untouched."""
@@ -88,6 +88,7 @@ def test_sevennet_and_main_env_screens_in_one_ray_session(tmp_path):
 
     folder = tmp_path / "cells"
     _write_cells(folder)
+    mlflow_uri(tmp_path / "mlruns" / "mlflow.db")  # the store _config points at: empty, its schema made once
     started = init_ray(_config(tmp_path, {"name": "emt"}).ray)
     try:
         seven = run_screen(

@@ -1230,6 +1230,14 @@ def _reference_settings(structure: Structure, settings: DFTSettings) -> DFTSetti
     return replace(settings, spinpol=True) if magnetic else settings
 
 
+def _reference_reusable(cached: dict[str, Any], settings: DFTSettings) -> bool:
+    """A converged cached reference serves every run with its settings hash; one that hit its step limit only runs
+    allowing no more steps than it had (a run asking for more relaxes it again)."""
+    if cached.get("result", {}).get("converged", True):
+        return True
+    return settings.relax_max_steps <= cached.get("settings", {}).get("relax_max_steps", 0)
+
+
 def elemental_reference_energy(
     symbol: str, settings: DFTSettings | None = None, cache_dir: str | Path = "dft_references"
 ) -> float:
@@ -1240,7 +1248,9 @@ def elemental_reference_energy(
     match what Materials Project uses for gaseous elements.
 
     Cached as ``cache_dir/<symbol>-<settings_hash>.json`` (the relaxation record included); a cached value of
-    the current ``REFERENCE_RECIPE`` is returned without running GPAW. Concurrent writers are safe (atomic
+    the current ``REFERENCE_RECIPE`` is returned without running GPAW, unless its relaxation stopped at its step
+    limit unconverged and ``settings.relax_max_steps`` allows more steps (``relax_max_steps`` is not in the
+    hash: it does not change a converged energy): then it is relaxed again. Concurrent writers are safe (atomic
     rename; at worst the work is done twice). Each computation (not a cache hit) appends a line to
     ``cache_dir/computed.jsonl`` (``REFERENCE_LEDGER``).
 
@@ -1254,7 +1264,7 @@ def elemental_reference_energy(
     path = cache / f"{symbol}-{key}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("recipe") == REFERENCE_RECIPE:
+        if cached.get("recipe") == REFERENCE_RECIPE and _reference_reusable(cached, settings):
             return float(cached["energy_per_atom"])
     structure = reference_structure(symbol)
     ref_settings = _reference_settings(structure, settings)
