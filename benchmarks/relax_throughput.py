@@ -1,26 +1,33 @@
 """Batched (torch-sim) relaxation vs the ASE loop: same model, same cells, same settings, one process.
 
 Cells: ``--cells`` small periodic cells (1-8 atoms), strained (±4 %) and rattled (0.03 Å) with a fixed seed;
-semiconductors (Si, GaAs, ZnS, MgO, GaN, ...) for CHGNet and ``mace-medium``, Cu/Al/Ni for the tiny committed MACE
-model (its only elements). The ASE loop relaxes the first ``--ase-cells`` of them (default: all), the batched path
-all of them; throughput is compared per atom·FIRE-step, so the two sets may differ in size (on a GPU the batch
-should be large; the ASE loop's rate does not depend on how many cells it does).
+semiconductors (Si, GaAs, ZnS, MgO, GaN, ...) for CHGNet, SevenNet and ``mace-medium``, Cu/Al/Ni for the tiny committed
+MACE model (its only elements). The ASE loop relaxes the first ``--ase-cells`` of them (default: all), the batched path
+all of them; throughput is compared per atom·FIRE-step, so the two sets may differ in size (on a GPU the batch should be
+large; the ASE loop's rate does not depend on how many cells it does).
 
-Potentials: ``chgnet`` (pretrained, in its wheel), ``mace`` (the tiny committed model, tests/data/tiny_mace.model)
-and ``mace-medium``: MACE-MP "medium"'s architecture with seeded random weights, built in code (throughput does
-not depend on the weights): ScaleShiftMACE, 128x0e+128x1o hidden irreps (max_L 1), correlation 3, 2 interactions,
-r_max 6 Å, 8 Bessel functions, polynomial cutoff 5, spherical harmonics to l=3, radial MLP [64, 64, 64], readout
-MLP 16x0e, 89 elements (Z 1-89), residual first interaction: 4.69 M parameters, as MACE-MP-0 medium; float32 or
-float64 (``--dtype``). At mace-torch's initialisation its forces are ~1e-3 eV/Å, so the cells stay near their
-(real) starting geometry and keep real neighbour counts (~30-60 per atom within 6 Å).
+Potentials: ``chgnet`` (pretrained, in its wheel), ``sevennet`` (SevenNet-0, ``7net-0``, in the sevenn wheel; float32;
+only in SevenNet's own environment, ``.venv-sevennet``, built by ``make setup-sevennet``: sevenn needs e3nn>=0.5 and
+mace-torch pins 0.4.4), ``mace`` (the tiny committed model, tests/data/tiny_mace.model) and ``mace-medium``: MACE-MP
+"medium"'s architecture with seeded random weights, built in code (throughput does not depend on the weights):
+ScaleShiftMACE, 128x0e+128x1o hidden irreps (max_L 1), correlation 3, 2 interactions, r_max 6 Å, 8 Bessel functions,
+polynomial cutoff 5, spherical harmonics to l=3, radial MLP [64, 64, 64], readout MLP 16x0e, 89 elements (Z 1-89),
+residual first interaction: 4.69 M parameters, as MACE-MP-0 medium; float32 or float64 (``--dtype``). At mace-torch's
+initialisation its forces are ~1e-3 eV/Å, so the cells stay near their (real) starting geometry and keep real neighbour
+counts (~30-60 per atom within 6 Å).
 
 Timed: the relaxations only (model loaded, and one warm-up relaxation of one cell done, before the clock).
 Both paths relax to ``--fmax`` with at most ``--max-steps`` FIRE steps; ``--fixed-steps N`` instead runs exactly N
 steps per cell (fmax 0), the same work in both paths whatever the convergence.
 
+``--save PATH`` also writes the result as a JSON record with the command line, the commit (``git rev-parse --short
+HEAD``; ``worktree_dirty`` if tracked files had uncommitted changes), the date and the load average before and after.
+
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/relax_throughput.py --potential mace --cells 64 [--device cuda]
+    OMP_NUM_THREADS=1 .venv-sevennet/bin/python benchmarks/relax_throughput.py --potential sevennet --cells 64 \
+        --save benchmarks/results/relax_throughput_sevennet_cpu.json
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -95,6 +107,8 @@ def potential_spec(potential: str, device: str, dtype: str):
         return PotentialSpec(name="mace", model=str(TINY_MACE), device=device, dtype=dtype)
     if potential == "mace-medium":
         return PotentialSpec(name="mace", device=device, dtype=dtype)  # the model itself: medium_mace()
+    if potential == "sevennet":
+        return PotentialSpec(name="sevennet", model="7net-0", device=device)
     return PotentialSpec(name="chgnet", device=device)
 
 
@@ -246,7 +260,7 @@ def measure(
     out = {
         "potential": label,
         "device": device,
-        "dtype": "float32 (CHGNet)" if potential == "chgnet" else dtype,
+        "dtype": {"chgnet": "float32 (CHGNet)", "sevennet": "float32 (SevenNet)"}.get(potential, dtype),
         "relax": {"fmax": fmax, "max_steps": max_steps, "fixed_steps": fixed_steps, "batch_max_atoms": batch_max_atoms},
         "ase_loop": {
             "cells": len(ase_cells),
@@ -378,9 +392,25 @@ def measure_fractional(
     }
 
 
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _command_line(argv: list[str]) -> str:
+    """The command as run from the repository root, e.g. ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/...``."""
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(REPO)
+    script = Path(__file__).resolve().relative_to(REPO)
+    return shlex.join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", str(python), str(script), *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--potential", choices=("chgnet", "mace", "mace-medium"), default="mace")
+    parser.add_argument("--potential", choices=("chgnet", "mace", "mace-medium", "sevennet"), default="mace")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="MACE only")
     parser.add_argument("--cells", type=int, default=64, help="cells relaxed by the batched path (default 64)")
@@ -395,7 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=0, help="also the fractional-GPU row: this many processes share the device"
     )
+    parser.add_argument("--save", type=Path, default=None, help="also write the result, with the run's context, here")
     args = parser.parse_args(argv)
+    if args.potential == "sevennet" and importlib.util.find_spec("sevenn") is None:
+        print(
+            f"error: --potential sevennet needs SevenNet's own environment and this Python ({sys.executable}) has no "
+            "sevenn (it needs e3nn>=0.5, mace-torch pins 0.4.4): run `make setup-sevennet`, then "
+            "`OMP_NUM_THREADS=1 .venv-sevennet/bin/python benchmarks/relax_throughput.py --potential sevennet ...`",
+            file=sys.stderr,
+        )
+        return 2
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    wall_start = time.perf_counter()
     if args.device == "cpu":
         torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -413,6 +454,21 @@ def main(argv: list[str] | None = None) -> int:
             args.chgnet_graphs,
             args.workers,
         )
+    if args.save:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        out = {
+            "command": _command_line(sys.argv[1:] if argv is None else argv),
+            "commit": _git("rev-parse", "--short", "HEAD"),
+            "worktree_dirty": None if status is None else bool(status),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "load_average_before": load_before,
+            **out,
+            "wall_seconds": round(time.perf_counter() - wall_start, 1),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        }
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
     return 0
 

@@ -17,6 +17,16 @@ Goals (issue 13): every ground state within 0.15 eV/atom of the reference and |E
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stability_accuracy.py [--potential chgnet] \
         [--model PATH] [--convention C] [--save benchmarks/results/stability_accuracy_chgnet.json] [--write-offsets]
+
+``--tables PATH`` (off by default; changes nothing above) also compares the same plain-recipe formation energies with
+three versions of the reference table, each on the compounds it holds (lowest row per reduced formula): the shipped
+MP2020-scale table, the legacy table it was converted from (``--legacy-table``, default
+``../shared/data/mp_formation_energies.csv``) and the anion-only ("naive") shift of the legacy value
+(``[C_2020 - C_legacy] / N`` without the fitted gas references, as ``scripts/convert_reference_table.py`` measures
+it), with pymatgen's experimental formation enthalpies (``exp_compounds.json.gz``) beside them per compound:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stability_accuracy.py \
+        --tables benchmarks/results/reference_table_vs_chgnet.json
 """
 
 from __future__ import annotations
@@ -46,6 +56,14 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-3)
     parser.add_argument("--save", help="write the per-compound table and metrics to this JSON file")
     parser.add_argument("--write-offsets", action="store_true", help="ship the fitted offsets in materials/data")
+    parser.add_argument(
+        "--tables", metavar="PATH", help="also compare with the converted, legacy and anion-only tables; write PATH"
+    )
+    parser.add_argument(
+        "--legacy-table",
+        default=str(REPO.parent / "shared" / "data" / "mp_formation_energies.csv"),
+        help="the legacy (pre-2020 corrections) table the shipped one was converted from (for --tables)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -157,11 +175,152 @@ def main() -> None:
         path = REPO / "materials" / "data" / f"element_offsets_{weights_hash(spec)}.json"
         path.write_text(json.dumps(shipped.as_dict(), indent=1))
         print(f"offsets written to {path.relative_to(REPO)}")
+    if args.tables:
+        compare_tables(rows, spec.label(), convention, Path(args.legacy_table), Path(args.tables))
     if args.save:
         for r in rows:
             r.pop("composition")
         payload = {"potential": spec.label(), "convention": convention, "metrics": metrics, "rows": rows}
         Path(args.save).write_text(json.dumps(payload, indent=1))
+
+
+def _lowest_legacy(path: Path) -> dict[str, float]:
+    """Lowest finite E_form (eV/atom) per reduced formula of the legacy CSV (as convert_reference_table.py reads it)."""
+    import csv
+    import math
+
+    from pymatgen.core import Composition
+
+    lowest: dict[str, float] = {}
+    reduced: dict[str, str] = {}
+    with open(path, newline="") as handle:
+        for rec in csv.DictReader(handle):
+            value = float(rec["formation_energy_per_atom"])
+            if not math.isfinite(value):
+                continue
+            formula = reduced.get(rec["formula"])
+            if formula is None:
+                formula = reduced[rec["formula"]] = Composition(rec["formula"]).reduced_formula
+            if value < lowest.get(formula, math.inf):
+                lowest[formula] = value
+    return lowest
+
+
+def _experimental() -> dict[str, float]:
+    """pymatgen's experimental formation enthalpies, eV/atom per reduced formula (compounds only)."""
+    import gzip
+    from importlib import resources
+
+    from pymatgen.analysis import compatibility
+    from pymatgen.core import Composition
+
+    with resources.files(compatibility).joinpath("exp_compounds.json.gz").open("rb") as raw:
+        records = json.loads(gzip.decompress(raw.read()))
+    out: dict[str, float] = {}
+    for rec in records:
+        comp = Composition(rec["formula"])
+        if len(comp) > 1:  # "exp energy" is eV per formula unit as written
+            out[comp.reduced_formula] = rec["exp energy"] / comp.num_atoms
+    return out
+
+
+def _git(*cmd: str) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def compare_tables(rows: list[dict], potential: str, convention: str, legacy_path: Path, out: Path) -> None:
+    """MAE of the rows' plain-recipe E_form against the converted, legacy and anion-only tables (and experiment)."""
+    from datetime import datetime, timezone
+
+    from materials.thermo.stability import StabilityError, legacy_mp_correction, mp2020_correction
+
+    legacy = _lowest_legacy(legacy_path)
+    experiment = _experimental()
+    columns = ("converted", "legacy", "naive", "experiment")
+    table_rows = []
+    for r in rows:
+        comp, formula = r["composition"], r["formula"]
+        old = legacy.get(formula)
+        try:
+            shift = (mp2020_correction(comp) - legacy_mp_correction(comp)) / comp.num_atoms
+        except (StabilityError, ValueError):  # a compatibility class rejects it: not convertible
+            shift = None
+        naive = None if old is None or shift is None else old + shift
+        row = {
+            "formula": formula,
+            "anion": r["anion"],
+            "chgnet": r["e_form"],
+            "converted": r["reference"],
+            "legacy": old,
+            "naive": naive,
+            "experiment": experiment.get(formula),
+        }
+        row |= {f"{c}_minus_chgnet": None if row[c] is None else row[c] - row["chgnet"] for c in columns}
+        row |= {
+            f"{c}_minus_experiment": None if row[c] is None or row["experiment"] is None else row[c] - row["experiment"]
+            for c in ("chgnet", "converted", "legacy", "naive")
+        }
+        table_rows.append(row)
+
+    def stats(key: str, against: str, subset: list[dict]) -> dict:
+        diffs = [x[key] - x[against] for x in subset if x[key] is not None and x[against] is not None]
+        if not diffs:
+            return {"n": 0, "mae": None, "mean": None}
+        return {"n": len(diffs), "mae": float(np.mean(np.abs(diffs))), "mean": float(np.mean(diffs))}
+
+    complete = [x for x in table_rows if all(x[c] is not None for c in ("converted", "legacy", "naive"))]
+    with_exp = [x for x in complete if x["experiment"] is not None]
+    metrics = {
+        # table minus CHGNet, each on the compounds that table holds
+        "vs_chgnet": {c: stats(c, "chgnet", table_rows) for c in ("converted", "legacy", "naive", "experiment")},
+        "vs_chgnet_common_compounds": {c: stats(c, "chgnet", complete) for c in ("converted", "legacy", "naive")},
+        # value minus experiment, on the compounds with an experimental value in every table
+        "vs_experiment": {c: stats(c, "experiment", with_exp) for c in ("chgnet", "converted", "legacy", "naive")},
+    }
+    print(f"\nreference tables vs {potential} plain-recipe E_form (table - model), eV/atom:")
+    print(f"{'formula':9s} {'class':10s} {'CHGNet':>7s} {'conv.':>7s} {'legacy':>7s} {'naive':>7s} {'exp.':>7s}")
+
+    def cell(value: float | None) -> str:
+        return f"{value:7.3f}" if value is not None else f"{'-':>7s}"
+
+    for x in table_rows:
+        print(
+            f"{x['formula']:9s} {x['anion']:10s} {x['chgnet']:7.3f} "
+            + " ".join(cell(x[c]) for c in ("converted", "legacy", "naive", "experiment"))
+        )
+    for name, block in metrics.items():
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{k} n={v['n']} MAE {v['mae']:.3f} mean {v['mean']:+.3f}" if v["n"] else f"{k} n=0"
+                for k, v in block.items()
+            )
+        )
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    payload = {
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit,
+        "worktree_modified": [line[3:] for line in dirty.splitlines()],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "potential": potential,
+        "convention": convention,
+        "legacy_table": str(legacy_path),
+        "notes": (
+            "difference = table (or experiment) - model E_form, eV/atom; lowest row per reduced formula in each table; "
+            "naive = legacy + (MP2020 correction - legacy correction) / N, without the fitted N, F, Cl, H gas "
+            "references; experiment = pymatgen exp_compounds.json.gz, eV per formula unit / atoms"
+        ),
+        "metrics": metrics,
+        "rows": table_rows,
+    }
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"table comparison written to {out}")
 
 
 if __name__ == "__main__":
