@@ -64,7 +64,7 @@ $(SEVENNET_STAMP): $(STAMP) requirements-sevennet.txt
 demo: setup
 	$(VENV)/bin/semidisc screen configs/quickstart.yaml --resume
 
-# CI runs `make test`: lint first (seconds), then the whole suite (~30 min on 2 cores).
+# CI runs `make test`: lint first (seconds), then the whole suite (~25 min of pytest on 2 cores).
 test: setup setup-sevennet lint
 	$(PY) -m pytest -q -ra --durations=15
 
