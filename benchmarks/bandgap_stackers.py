@@ -33,7 +33,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -49,6 +48,7 @@ from materials.ml.bandgap import (  # noqa: E402
     chemistry_features,
     shipped_model_path,
 )
+from pipelines.tracking import git_commit  # noqa: E402
 from pipelines.train_gap import BandGapConfig, build_datasets  # noqa: E402
 
 #: A method: (training inputs, training targets, test inputs) -> test predictions (eV).
@@ -161,11 +161,10 @@ def main() -> None:
     formulas, y, inputs = validation_nonmetals(ensemble)
     results = cross_validate(y, inputs, args.repeats, args.folds, args.seed)
     seconds = time.perf_counter() - start
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     best = min((r["mae_mean"], name) for name, r in results.items() if name != "plain")
     out = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(sys.argv),
-        "commit": commit.stdout.strip() or None,
+        "commit": git_commit(),
         "model": args.model,
         "n": len(formulas),
         "n_members": int(inputs["members"].shape[1]),

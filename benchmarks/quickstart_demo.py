@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipelines.tracking import git_commit, git_modified_files
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,11 +81,11 @@ def main(argv=None) -> int:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"the screen failed (exit {proc.returncode}); its output is above")
     summary = summarise(out / "results.csv")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     record = {
         "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), *sys.argv]),
         "screen_command": " ".join(cmd[1:]),
-        "commit": commit.stdout.strip(),
+        "commit": git_commit(),
+        "worktree_modified": git_modified_files(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "wall_seconds": round(wall, 1),
         "cpu_count": os.cpu_count(),

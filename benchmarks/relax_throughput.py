@@ -20,8 +20,8 @@ Timed: the relaxations only (model loaded, and one warm-up relaxation of one cel
 Both paths relax to ``--fmax`` with at most ``--max-steps`` FIRE steps; ``--fixed-steps N`` instead runs exactly N
 steps per cell (fmax 0), the same work in both paths whatever the convergence.
 
-``--save PATH`` also writes the result as a JSON record with the command line, the commit (``git rev-parse --short
-HEAD``; ``worktree_dirty`` if tracked files had uncommitted changes), the date and the load average before and after.
+``--save PATH`` also writes the result as a JSON record with the command line, the commit (and ``worktree_modified``:
+tracked files with uncommitted changes), the date and the load average before and after.
 
 Usage::
 
@@ -45,7 +45,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -54,6 +53,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from pipelines.tracking import git_commit, git_modified_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable without installing the project (gpu_check.sh)
@@ -392,13 +393,6 @@ def measure_fractional(
     }
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _command_line(argv: list[str]) -> str:
     """The command as run from the repository root, e.g. ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/...``."""
     python = Path(sys.executable)
@@ -455,11 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
         )
     if args.save:
-        status = _git("status", "--porcelain", "--untracked-files=no")
         out = {
             "command": _command_line(sys.argv[1:] if argv is None else argv),
-            "commit": _git("rev-parse", "--short", "HEAD"),
-            "worktree_dirty": None if status is None else bool(status),
+            "commit": git_commit(),
+            "worktree_modified": git_modified_files(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
             "load_average_before": load_before,

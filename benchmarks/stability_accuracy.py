@@ -224,20 +224,12 @@ def _experimental() -> dict[str, float]:
     return out
 
 
-def _git(*cmd: str) -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def compare_tables(rows: list[dict], potential: str, convention: str, legacy_path: Path, out: Path) -> None:
     """MAE of the rows' plain-recipe E_form against the converted, legacy and anion-only tables (and experiment)."""
     from datetime import datetime, timezone
 
     from materials.thermo.stability import StabilityError, legacy_mp_correction, mp2020_correction
+    from pipelines.tracking import git_commit, git_modified_files
 
     legacy = _lowest_legacy(legacy_path)
     experiment = _experimental()
@@ -301,12 +293,10 @@ def compare_tables(rows: list[dict], potential: str, convention: str, legacy_pat
                 for k, v in block.items()
             )
         )
-    commit = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
     payload = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": commit,
-        "worktree_modified": [line[3:] for line in dirty.splitlines()],
+        "commit": git_commit(),
+        "worktree_modified": git_modified_files(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "potential": potential,
         "convention": convention,

@@ -64,6 +64,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_modified_files() -> list[str] | None:
+    """Tracked files with uncommitted changes (a result saved from such a tree is not exactly ``git_commit()``'s);
+    None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.stdout.splitlines()]
+
+
 def _ensure_sqlite_parent(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
